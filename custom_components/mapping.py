@@ -1,0 +1,118 @@
+"""One face for every mapping method: ``map_series(series, method=...)`` -> maps + provenance.
+
+Methods register a function ``(series, mask, **options) -> MappingResult`` in :data:`METHODS`.
+The classical fit is here; the learned methods (diffusor, resnet, rim) plug in through the bundles.
+The output contract of ``qmri map`` (file names, units, sidecars) is :data:`OUTPUT_MAPS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from . import __version__
+from .fitting import InversionRecoveryModel, estimate_noise_sigma, signal_mask
+from .io import InputError, IRSeries
+
+# map key -> (file stem, units, description)
+OUTPUT_MAPS = {
+    "T1": ("T1map", "s", "longitudinal relaxation time T1"),
+    "PD": ("PDmap", "a.u. (scanner intensity units)", "proton density (apparent: includes T2 weighting at TE)"),
+    "B": ("InvEffmap", "1", "inversion efficiency B of S = |PD (1 - B exp(-TI/T1))| (2 = ideal inversion)"),
+    "residual": ("Residualmap", "a.u. (scanner intensity units)", "RMS over inversion times of |model| - data"),
+}
+
+
+@dataclass
+class MappingResult:
+    maps: dict[str, np.ndarray]  # keys of OUTPUT_MAPS (and "<key>_std" for ensemble methods)
+    mask: np.ndarray
+    info: dict = field(default_factory=dict)
+
+
+def _classical(series: IRSeries, mask: np.ndarray | None, noise: str = "rician", sigma: float | None = None,
+               n_coils: int = 1, progress: bool = True, **_) -> MappingResult:
+    data = series.data
+    info: dict = {"noise": noise, "n_coils": int(n_coils)}
+    if noise in ("rician", "ncchi") and sigma is None:
+        try:
+            sigma = estimate_noise_sigma(data, n_coils=n_coils if noise == "ncchi" else 1)
+            info["sigma_source"] = "estimated from signal-free background"
+        except ValueError:
+            noise = "gaussian"
+            info["noise"] = "gaussian"
+            info["note"] = "no signal-free background to estimate the noise level: least-squares fit (pass --sigma for ML)"
+    elif sigma is not None:
+        info["sigma_source"] = "given"
+    if sigma is not None:
+        info["sigma"] = float(sigma)
+    if mask is None:
+        mask = signal_mask(data, sigma=sigma if sigma else None)
+        info["mask"] = "automatic: max over TIs above 5 sigma" if sigma else "automatic: max over TIs above 5 % of the robust maximum"
+    fit = InversionRecoveryModel(series.protocol).fit(data, mask=mask, noise=noise, sigma=sigma,
+                                                      n_coils=n_coils, progress=progress)
+    return MappingResult(maps={"T1": fit.t1, "PD": fit.pd, "B": fit.b, "residual": fit.residual}, mask=mask,
+                         info={**info, **fit.info})
+
+
+def _mle(series, mask, **kw):
+    kw.setdefault("noise", "rician")
+    return _classical(series, mask, **kw)
+
+
+def _ls(series, mask, **kw):
+    kw["noise"] = "gaussian"
+    return _classical(series, mask, **kw)
+
+
+METHODS: dict[str, Callable[..., MappingResult]] = {"mle": _mle, "ls": _ls}
+METHOD_DESCRIPTIONS = {
+    "mle": "classical maximum-likelihood fit (Rician by default; noncentral chi with --noise ncchi --n_coils N)",
+    "ls": "classical magnitude least-squares fit (polarity restoration x T1 grid + Gauss-Newton)",
+}
+
+
+def map_series(series: IRSeries, method: str = "mle", mask: np.ndarray | None = None, **options) -> MappingResult:
+    """Map T1, PD and B of an IR series with a registered method."""
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
+    if mask is not None:
+        mask = np.asarray(mask) > 0
+        if mask.shape != series.data.shape[:-1]:
+            raise InputError(f"mask shape {mask.shape} does not match the image shape {series.data.shape[:-1]}")
+        if not mask.any():
+            raise InputError("the mask selects no voxel")
+    res = METHODS[method](series, mask, **options)
+    res.info.setdefault("method", method)
+    return res
+
+
+def sidecars_for(result: MappingResult, series: IRSeries, method: str) -> dict[str, dict]:
+    """JSON sidecars (units, method, protocol, provenance) for each written map."""
+    from .io import protocol_sidecar
+
+    common = {"Method": method, "MethodDescription": METHOD_DESCRIPTIONS.get(method, method),
+              "Software": {"Name": "qmri-diffusor", "Version": __version__},
+              "Source": str(series.source), "InputNotes": list(series.notes),
+              "Protocol": protocol_sidecar(series.protocol),
+              "Fit": {k: v for k, v in result.info.items() if isinstance(v, (str, int, float, list, bool, type(None)))}}
+    out = {}
+    for key, arr in result.maps.items():
+        base = key[:-4] if key.endswith("_std") else key
+        stem, units, desc = OUTPUT_MAPS[base]
+        name = stem + ("_std" if key.endswith("_std") else "")
+        out[name] = {"Units": units, "Description": desc + (" (voxel-wise standard deviation over samples)" if key.endswith("_std") else ""), **common}
+    return out
+
+
+def output_arrays(result: MappingResult) -> dict[str, np.ndarray]:
+    out = {}
+    for key, arr in result.maps.items():
+        base = key[:-4] if key.endswith("_std") else key
+        out[OUTPUT_MAPS[base][0] + ("_std" if key.endswith("_std") else "")] = np.asarray(arr, dtype=np.float32)
+    return out
+
+
+__all__ = ["OUTPUT_MAPS", "MappingResult", "METHODS", "map_series", "sidecars_for", "output_arrays"]

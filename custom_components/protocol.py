@@ -1,0 +1,280 @@
+"""Acquisition protocol of an inversion-recovery (fast) spin-echo series.
+
+All times are in seconds. A :class:`Protocol` holds what is fixed for a scan (the inversion times,
+the repetition time(s), the echo train); the signal model, the synthesis and the fits take one.
+
+Readers:
+- :func:`paper_protocol` -- the qMRI Diffusor paper's IR-FSE protocol (3 T, 7 TIs, TR 10 s, ETL 64).
+- :func:`nist_15t_protocol` -- the protocol of the real NIST phantom scans in shared/data (1.5 T, 6 TIs).
+- :meth:`Protocol.from_dict` / :meth:`Protocol.from_json` -- a config (the keys of :meth:`to_dict`).
+- :func:`from_bids_sidecars` -- BIDS sidecars (``InversionTime``, ``RepetitionTime``... in seconds).
+- :func:`from_dicom_headers` -- pydicom datasets (``InversionTime`` etc. in ms in DICOM).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+
+class ProtocolError(ValueError):
+    """An inconsistent or incomplete protocol."""
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """An inversion-recovery protocol.
+
+    Attributes:
+        inversion_times_s: inversion times TI_n in s, strictly increasing, all > 0.
+        repetition_time_s: TR in s: one value for all images, one per image (some scanners grow TR
+            with TI), or ``None`` for full recovery between inversions (the paper's model,
+            S = |PD (1 - B exp(-TI/T1))|).
+        echo_time_s: effective echo time TE in s (the echo at the centre of k-space).
+        echo_train_length: number of echoes per excitation (1 = conventional spin echo).
+        echo_spacing_s: time between echoes of the train in s.
+        field_strength_t: B0 in tesla (documentation and tissue-value choice only).
+        ordering: phase-encode ordering of the echo train, "centric" or "linear".
+        name: a short label written into sidecars.
+    """
+
+    inversion_times_s: tuple[float, ...]
+    repetition_time_s: float | tuple[float, ...] | None = None
+    echo_time_s: float = 0.0
+    echo_train_length: int = 1
+    echo_spacing_s: float = 0.0
+    field_strength_t: float = 3.0
+    ordering: str = "centric"
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        tis = tuple(float(t) for t in np.atleast_1d(np.asarray(self.inversion_times_s, dtype=float)))
+        object.__setattr__(self, "inversion_times_s", tis)
+        if len(tis) < 3:
+            raise ProtocolError(f"need at least 3 inversion times to map T1, PD and B, got {len(tis)}")
+        if not all(np.isfinite(tis)) or min(tis) <= 0:
+            raise ProtocolError(f"inversion times must be finite and > 0 s, got {tis}")
+        if any(b <= a for a, b in zip(tis, tis[1:])):
+            raise ProtocolError(f"inversion times must be strictly increasing (no duplicates), got {tis}")
+        if max(tis) > 20:
+            raise ProtocolError(f"inversion times look like ms, not s (max {max(tis)}); give seconds")
+        tr = self.repetition_time_s
+        if tr is not None:
+            arr = np.atleast_1d(np.asarray(tr, dtype=float))
+            if arr.size == 1:
+                tr = float(arr[0])
+            elif arr.size == len(tis):
+                tr = tuple(float(x) for x in arr)
+            else:
+                raise ProtocolError(f"repetition_time_s has {arr.size} values for {len(tis)} inversion times")
+            if not np.all(np.isfinite(arr)) or np.any(arr <= np.asarray(tis)):
+                raise ProtocolError(f"each TR must be finite and longer than its TI, got TR={arr.tolist()} TI={list(tis)}")
+            object.__setattr__(self, "repetition_time_s", tr)
+        if self.ordering not in ("centric", "linear"):
+            raise ProtocolError(f"ordering must be 'centric' or 'linear', got {self.ordering!r}")
+        if int(self.echo_train_length) < 1:
+            raise ProtocolError("echo_train_length must be >= 1")
+        object.__setattr__(self, "echo_train_length", int(self.echo_train_length))
+
+    # ------------------------------------------------------------------ derived quantities
+    @property
+    def n_images(self) -> int:
+        return len(self.inversion_times_s)
+
+    @property
+    def tis(self) -> np.ndarray:
+        """Inversion times in s as a float64 array of shape (N,)."""
+        return np.asarray(self.inversion_times_s, dtype=float)
+
+    @property
+    def readout_duration_s(self) -> float:
+        """Duration of the echo train (ETL x echo spacing), during which Mz is not recovering freely."""
+        return float(self.echo_train_length * self.echo_spacing_s)
+
+    def recovery_times_s(self) -> np.ndarray | None:
+        """Per-image effective recovery time TR_n - readout duration in s, or None (full recovery).
+
+        With a readout that saturates Mz at TI and a free recovery until the next inversion, the
+        steady-state signed signal is S_n = PD (1 - B exp(-TI_n/T1) + (B - 1) exp(-Trec_n/T1)) with
+        Trec_n = TR_n - readout (see :mod:`custom_components.signal_model`).
+        """
+        if self.repetition_time_s is None:
+            return None
+        tr = np.broadcast_to(np.asarray(self.repetition_time_s, dtype=float), (self.n_images,)).copy()
+        return tr - self.readout_duration_s
+
+    @property
+    def has_constant_tr(self) -> bool:
+        rec = self.recovery_times_s()
+        return rec is None or bool(np.allclose(rec, rec[0]))
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["inversion_times_s"] = list(self.inversion_times_s)
+        if isinstance(self.repetition_time_s, tuple):
+            d["repetition_time_s"] = list(self.repetition_time_s)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Protocol":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ProtocolError(f"unknown protocol keys {sorted(unknown)}; known: {sorted(known)}")
+        if "inversion_times_s" not in d:
+            raise ProtocolError("protocol needs 'inversion_times_s'")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "Protocol":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def with_(self, **changes) -> "Protocol":
+        d = self.to_dict()
+        d.update(changes)
+        return Protocol.from_dict(d)
+
+
+def paper_protocol() -> Protocol:
+    """The qMRI Diffusor paper's IR-FSE protocol (GE 3 T): 7 TIs 0.05-2.5 s, TR 10 s, TE 7.14 ms, ETL 64."""
+    return Protocol(
+        inversion_times_s=(0.05, 0.10, 0.25, 0.50, 0.85, 1.50, 2.50),
+        repetition_time_s=10.0,
+        echo_time_s=7.14e-3,
+        echo_train_length=64,
+        echo_spacing_s=7.14e-3,
+        field_strength_t=3.0,
+        ordering="centric",
+        name="paper_irfse_3t",
+    )
+
+
+def nist_15t_protocol(variable_tr: bool = False) -> Protocol:
+    """The real NIST phantom scans of shared/data (1.5 T IR spin echo, TI 50-800 ms, TE 10-12 ms).
+
+    ``variable_tr=False``: TR 1 s for every image (GE, Philips); ``True``: the Siemens sites' TR that
+    grows with TI (1.0, 1.0, 1.0, 1.26, 1.86, 2.46 s).
+    """
+    tr = (1.0, 1.0, 1.0, 1.26, 1.86, 2.46) if variable_tr else 1.0
+    return Protocol(
+        inversion_times_s=(0.05, 0.10, 0.20, 0.40, 0.60, 0.80),
+        repetition_time_s=tr,
+        echo_time_s=0.010,
+        echo_train_length=1,
+        echo_spacing_s=0.010,
+        field_strength_t=1.5,
+        ordering="linear",
+        name="nist_ir_se_1p5t" + ("_variable_tr" if variable_tr else ""),
+    )
+
+
+PRESETS = {"paper": paper_protocol, "nist15": nist_15t_protocol,
+           "nist15_variable_tr": lambda: nist_15t_protocol(variable_tr=True)}
+
+
+def get_protocol(spec: "str | Path | dict | Protocol | None") -> Protocol:
+    """A protocol from a preset name ("paper", "nist15"), a JSON file, a dict or a Protocol."""
+    if spec is None:
+        return paper_protocol()
+    if isinstance(spec, Protocol):
+        return spec
+    if isinstance(spec, dict):
+        return Protocol.from_dict(spec)
+    s = str(spec)
+    if s in PRESETS:
+        return PRESETS[s]()
+    p = Path(s)
+    if p.suffix == ".json" and p.exists():
+        return Protocol.from_json(p)
+    raise ProtocolError(f"unknown protocol {s!r}: give one of {sorted(PRESETS)} or a JSON file")
+
+
+def _common(values: Sequence[float | None], what: str) -> float | None:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    if not np.allclose(vals, vals[0], rtol=1e-3):
+        raise ProtocolError(f"{what} differs between images: {vals}")
+    return float(vals[0])
+
+
+def from_inversion_times(tis_s: Iterable[float], tr_s=None, **kw) -> Protocol:
+    """A protocol from inversion times in s (and optionally TR in s), other fields defaulted."""
+    return Protocol(inversion_times_s=tuple(float(t) for t in tis_s), repetition_time_s=tr_s, **kw)
+
+
+def from_bids_sidecars(sidecars: Sequence[dict]) -> Protocol:
+    """A protocol from one BIDS sidecar per image (times in s), in the order of the images.
+
+    A single sidecar whose ``InversionTime`` is a list describes a 4D file. The images must already
+    be sorted by TI (the readers in :mod:`custom_components.io` sort them).
+    """
+    if len(sidecars) == 1 and isinstance(sidecars[0].get("InversionTime"), (list, tuple)):
+        sc = sidecars[0]
+        tis = [float(t) for t in sc["InversionTime"]]
+        tr = sc.get("RepetitionTime")
+        sidecars = [dict(sc, InversionTime=t, RepetitionTime=(tr[i] if isinstance(tr, (list, tuple)) else tr))
+                    for i, t in enumerate(tis)]
+    tis = []
+    for i, sc in enumerate(sidecars):
+        if "InversionTime" not in sc or sc["InversionTime"] is None:
+            raise ProtocolError(f"sidecar {i} has no InversionTime")
+        tis.append(float(sc["InversionTime"]))
+    trs = [sc.get("RepetitionTimeExcitation", sc.get("RepetitionTime")) for sc in sidecars]
+    tr = None
+    if all(t is not None for t in trs):
+        tr = tuple(float(t) for t in trs)
+        if np.allclose(tr, tr[0]):
+            tr = tr[0]
+    etl = _common([sc.get("EchoTrainLength") for sc in sidecars], "EchoTrainLength")
+    te = _common([sc.get("EchoTime") for sc in sidecars], "EchoTime")
+    b0 = _common([sc.get("MagneticFieldStrength") for sc in sidecars], "MagneticFieldStrength")
+    return Protocol(
+        inversion_times_s=tuple(tis),
+        repetition_time_s=tr,
+        echo_time_s=te or 0.0,
+        echo_train_length=int(etl or 1),
+        echo_spacing_s=te or 0.0,
+        field_strength_t=b0 or 3.0,
+        name="bids",
+    )
+
+
+def from_dicom_headers(datasets: Sequence) -> Protocol:
+    """A protocol from pydicom datasets sorted by TI (DICOM gives times in ms; converted to s)."""
+    def ms(ds, kw):
+        v = ds.get(kw)
+        return None if v in (None, "") else float(v) / 1000.0
+
+    tis = []
+    for i, ds in enumerate(datasets):
+        ti = ms(ds, "InversionTime")
+        if ti is None:
+            raise ProtocolError(f"DICOM image {i} has no InversionTime (0018,0082)")
+        tis.append(ti)
+    trs = [ms(ds, "RepetitionTime") for ds in datasets]
+    tr = None
+    if all(t is not None for t in trs):
+        tr = tuple(trs) if not np.allclose(trs, trs[0]) else trs[0]
+    te = _common([ms(ds, "EchoTime") for ds in datasets], "EchoTime")
+    etl = _common([ds.get("EchoTrainLength") for ds in datasets], "EchoTrainLength")
+    b0 = _common([ds.get("MagneticFieldStrength") for ds in datasets], "MagneticFieldStrength")
+    return Protocol(
+        inversion_times_s=tuple(tis),
+        repetition_time_s=tr,
+        echo_time_s=te or 0.0,
+        echo_train_length=int(etl or 1),
+        echo_spacing_s=te or 0.0,
+        field_strength_t=b0 or 3.0,
+        name="dicom",
+    )
+
+
+__all__ = ["Protocol", "ProtocolError", "paper_protocol", "nist_15t_protocol", "get_protocol",
+           "from_inversion_times", "from_bids_sidecars", "from_dicom_headers", "PRESETS"]
