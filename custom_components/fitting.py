@@ -142,28 +142,65 @@ class InversionRecoveryModel:
         return np.ascontiguousarray(w.transpose(2, 3, 0, 1).reshape(n, -1)).astype(np.float32)
 
     def grid_search(self, y: np.ndarray):
-        """Best T1 on the grid for each polarity pattern k, for voxels y (V, N).
+        """Two polarity/T1 candidates per voxel from the exhaustive grid, for voxels y (V, N).
 
-        Returns (energy_best (V, K), t1_best (V, K)): for every k the largest projection energy
-        ||Q_g^T D_k y||^2 over the grid (the residual is ||y||^2 minus it) and its T1. Candidates
-        whose closed-form B = c / a lies outside ``b_range`` are excluded: without this, very short
-        T1 (null before the first TI) has a near-degenerate twin with B >> 2.
+        For every pattern k (first k points negative) and grid T1 the projection energy
+        ||Q_g^T D_k y||^2 is computed (the residual is ||y||^2 minus it). Candidate 1 is the global
+        best (k1, T1); candidate 2 the best T1 of the better neighbouring pattern k1 -+ 1 (the null
+        may sit on either side of the TI nearest to it, which a coarse grid can confuse).
+        Candidates whose closed-form B = c / a lies outside ``b_range`` are excluded: without
+        this, very short T1 (null before the first TI) has a near-degenerate twin with B >> 2.
+
+        Returns (k1, t1_1, k2, t1_2), each (V,).
         """
         v, n = y.shape
         g = self.n_grid
         with torch.no_grad():
-            p = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)) @ self._projector_t  # (V, 2*K*G)
+            yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+            p = yt @ self._projector_t  # (V, 2*K*G): Q_g^T D_k y
             half = p.shape[1] // 2
             p0, p1 = p[:, :half], p[:, half:]
-            r00, r01, r11 = self._rinv_t
-            a = p0 * r00 + p1 * r01
-            c = p1 * r11
-            energy = p0.square().add_(p1.square())  # ||Q_g^T D_k y||^2, (V, K*G)
-            bmin, bmax = self.b_range
-            ok = (c - bmin * a) * (bmax * a - c) >= 0  # B = c / a within [bmin, bmax] (either sign of a)
-            energy = torch.where(ok, energy, torch.full_like(energy, -1.0)).view(v, n + 1, g)
+            energy = (p0 * p0).addcmul_(p1, p1).view(v, n + 1, g)  # ||Q_g^T D_k y||^2
             e_best, g_best = energy.max(dim=2)
-        return e_best.numpy().astype(float), self.t1_grid[g_best.numpy()]
+            k1, k2 = self._candidates(e_best)
+            # B = c / a of the two candidates; (a, c) = R_g^{-1} Q_g^T D_k y
+            r00, r01, r11 = self._rinv_t
+            bmin, bmax = self.b_range
+
+            def unphysical(k):
+                col = g_best.gather(1, k[:, None]) + k[:, None] * g
+                q0, q1 = p0.gather(1, col)[:, 0], p1.gather(1, col)[:, 0]
+                col = col[:, 0]
+                a = q0 * r00[col] + q1 * r01[col]
+                c = q1 * r11[col]
+                return (c - bmin * a) * (bmax * a - c) < 0
+
+            k2 = torch.where(unphysical(k2), k1, k2)  # an unphysical second candidate is dropped
+            bad = unphysical(k1)
+            if bool(bad.any()):  # rare (T1 much shorter than the first TI): redo those voxels with the constraint
+                idx = torch.nonzero(bad)[:, 0]
+                pp0, pp1 = p0[idx], p1[idx]
+                aa = pp0 * r00 + pp1 * r01
+                cc = pp1 * r11
+                ok = (cc - bmin * aa) * (bmax * aa - cc) >= 0
+                en = torch.where(ok, energy[idx].reshape(len(idx), -1), torch.full_like(aa, -1.0)).view(len(idx), n + 1, g)
+                eb, gb = en.max(dim=2)
+                e_best[idx], g_best[idx] = eb, gb
+                k1[idx] = torch.argmax(eb, dim=1)
+                k2[idx] = k1[idx]
+            t1_1 = self.t1_grid[g_best.gather(1, k1[:, None])[:, 0].numpy()]
+            t1_2 = self.t1_grid[g_best.gather(1, k2[:, None])[:, 0].numpy()]
+        return k1.numpy(), t1_1, k2.numpy(), t1_2
+
+    @staticmethod
+    def _candidates(e_best: torch.Tensor):
+        """k1 = argmax_k, k2 = the better of k1 - 1 and k1 + 1 (within 0..N)."""
+        v, k = e_best.shape
+        k1 = torch.argmax(e_best, dim=1)
+        lo = torch.where(k1 > 0, e_best.gather(1, (k1 - 1).clamp(min=0)[:, None])[:, 0], torch.tensor(-np.inf))
+        hi = torch.where(k1 < k - 1, e_best.gather(1, (k1 + 1).clamp(max=k - 1)[:, None])[:, 0], torch.tensor(-np.inf))
+        k2 = torch.where(lo >= hi, k1 - 1, k1 + 1).clamp(0, k - 1)
+        return k1, k2
 
     def _closed_form(self, ys: np.ndarray, t1: np.ndarray):
         """Least-squares (a, c) for signed data ys (V, N) at T1 (V,): 2x2 normal equations."""
@@ -222,20 +259,12 @@ class InversionRecoveryModel:
         return np.sum(((np.abs(s) if signs is None else signs * s) - y) ** 2, axis=1)
 
     def _fit_voxels(self, y: np.ndarray, noise: str, sigma, n_coils: int, n_ml_iter: int):
-        """Grid search, then fixed-polarity refinement of the best pattern k and of its better
-        neighbour (k - 1 or k + 1: the null may sit on either side of the TI nearest to it, which a
-        coarse grid can confuse); the candidate with the lower magnitude cost wins."""
-        v, n = y.shape
-        energy, t1s = self.grid_search(y)
-        rows = np.arange(v)
-        k1 = np.argmax(energy, axis=1)
-        lo_e = np.where(k1 > 0, energy[rows, np.maximum(k1 - 1, 0)], -np.inf)
-        hi_e = np.where(k1 < n, energy[rows, np.minimum(k1 + 1, n)], -np.inf)
-        k2 = np.where(lo_e >= hi_e, k1 - 1, k1 + 1).clip(0, n)
+        """Grid search, then fixed-polarity refinement of both candidates of :meth:`grid_search`;
+        the one with the lower magnitude cost wins."""
+        k1, t1_1, k2, t1_2 = self.grid_search(y)
         best = None
-        for k in (k1, k2):
+        for k, t1 in ((k1, t1_1), (k2, t1_2)):
             sg = self._signs(k)
-            t1 = t1s[rows, k]
             a, c = self._closed_form(sg * y, t1)
             a, c, u = self._refine(y, a, c, np.log(t1), self.n_gauss_newton, signs=sg)
             cost = self._cost(y, a, c, u)

@@ -146,7 +146,7 @@ def brain_scene(rng: np.random.Generator, slice_index: int, realisation: int, sh
     g = np.random.default_rng([geometry_seed if geometry_seed is not None else 0, slice_index])
     sl = anatomy.sample_slice(g, matrix=shape, fov_mm=fov_mm, deform=deform)
     maps = tissues.sample_parameter_maps(sl["probs"], rng, wide_t1=wide_t1)
-    return {"T1": maps["T1"], "T2": maps["T2"], "PD": maps["PD"], "tissue": sl["labels"]}
+    return {"T1": maps["T1"], "T2": maps["T2"], "PD": maps["PD"], "mask": maps["mask"], "tissue": sl["labels"]}
 
 
 @dataclass
@@ -189,7 +189,8 @@ class SyntheticIRDataset(torch.utils.data.Dataset):
 
     Item i is realisation i % R of slice i // R. Returns a dict of float32 tensors:
     "image" (N_TI, H, W) magnitude images (PD of water = 1), "label" (3, H, W) = T1 [s], PD, B,
-    "mask" (1, H, W) (1 where there is signal-bearing tissue), and "snr" (scalar).
+    "mask" (1, H, W) (1 where the labels are meaningful: tissue with PD >= 0.1, i.e. not background
+    or bone), and "snr" (scalar).
     """
 
     def __init__(self, config: SynthesisConfig | dict | None = None, scene_fn: SceneFn | None = None, **overrides):
@@ -242,8 +243,12 @@ class SyntheticIRDataset(torch.utils.data.Dataset):
         if pe == "random":
             pe = int(rng.choice([-2, -1]))
         out = render(scene["T1"], scene["T2"], scene["PD"], b, self.protocol, c.effects, gen, sigma=1.0 / snr, pe_axis=pe)
+        mask = out["mask"]
+        if "mask" in scene:  # the scene's own notion of meaningful tissue (e.g. PD >= 0.1: not bone)
+            m = torch.as_tensor(np.asarray(scene["mask"], dtype=np.float64))
+            mask = mask & (downsample_area(m, f) >= 0.5)
         return {"image": out["image"].float(), "label": out["label"].float(),
-                "mask": out["mask"].unsqueeze(0).float(), "snr": torch.tensor(snr, dtype=torch.float32)}
+                "mask": mask.unsqueeze(0).float(), "snr": torch.tensor(snr, dtype=torch.float32)}
 
 
 def nist_twin(protocol: Protocol | str = "paper", snr: float | None = 50.0, effects: Effects | None = None,
