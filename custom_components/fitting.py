@@ -111,7 +111,7 @@ class InversionRecoveryModel:
             refinement is unconstrained so noise can still push B slightly outside).
     """
 
-    def __init__(self, protocol: Protocol, n_grid: int = 128, t1_range_s=T1_GRID_RANGE_S,
+    def __init__(self, protocol: Protocol, n_grid: int = 96, t1_range_s=T1_GRID_RANGE_S,
                  n_gauss_newton: int = 8, b_range: tuple[float, float] = (0.0, 3.0)):
         self.protocol = protocol
         self.n_grid = int(n_grid)
@@ -151,6 +151,9 @@ class InversionRecoveryModel:
         Candidates whose closed-form B = c / a lies outside ``b_range`` are excluded: without
         this, very short T1 (null before the first TI) has a near-degenerate twin with B >> 2.
 
+        Candidate 2 is kept only where refinement could make it win: its grid residual exceeds the
+        best one's by less than the energy drop to its grid neighbours (else k2 = k1).
+
         Returns (k1, t1_1, k2, t1_2), each (V,).
         """
         v, n = y.shape
@@ -175,9 +178,22 @@ class InversionRecoveryModel:
                 c = q1 * r11[col]
                 return (c - bmin * a) * (bmax * a - c) < 0
 
-            k2 = torch.where(unphysical(k2), k1, k2)  # an unphysical second candidate is dropped
-            bad = unphysical(k1)
-            if bool(bad.any()):  # rare (T1 much shorter than the first TI): redo those voxels with the constraint
+            # the second candidate only matters where its grid residual is comparable to the best one's
+            y2 = (yt * yt).sum(1)
+            r1 = y2 - e_best.gather(1, k1[:, None])[:, 0]
+            r2 = y2 - e_best.gather(1, k2[:, None])[:, 0]
+            # Refining candidate 2 can lower its grid residual by at most about the energy drop to its
+            # grid neighbours (peak of a smooth function sampled on the grid): skip it where even that
+            # cannot beat candidate 1.
+            g2 = g_best.gather(1, k2[:, None])
+            e2 = energy.view(v, -1)
+            base = k2[:, None] * g
+            lo = e2.gather(1, base + (g2 - 1).clamp(min=0))[:, 0]
+            hi = e2.gather(1, base + (g2 + 1).clamp(max=g - 1))[:, 0]
+            gain2 = (e_best.gather(1, k2[:, None])[:, 0] - torch.minimum(lo, hi)).clamp(min=0)
+            bad = unphysical(k1) | unphysical(k2)
+            k2 = torch.where(r2 - r1 <= gain2 + 1e-6 * y2, k2, k1)
+            if bool(bad.any()):  # rare (T1 near or below the first TI): redo those voxels with the constraint
                 idx = torch.nonzero(bad)[:, 0]
                 pp0, pp1 = p0[idx], p1[idx]
                 aa = pp0 * r00 + pp1 * r01
@@ -185,9 +201,8 @@ class InversionRecoveryModel:
                 ok = (cc - bmin * aa) * (bmax * aa - cc) >= 0
                 en = torch.where(ok, energy[idx].reshape(len(idx), -1), torch.full_like(aa, -1.0)).view(len(idx), n + 1, g)
                 eb, gb = en.max(dim=2)
-                e_best[idx], g_best[idx] = eb, gb
-                k1[idx] = torch.argmax(eb, dim=1)
-                k2[idx] = k1[idx]
+                g_best[idx] = gb
+                k1[idx], k2[idx] = self._candidates(eb)  # both refined for these voxels
             t1_1 = self.t1_grid[g_best.gather(1, k1[:, None])[:, 0].numpy()]
             t1_2 = self.t1_grid[g_best.gather(1, k2[:, None])[:, 0].numpy()]
         return k1.numpy(), t1_1, k2.numpy(), t1_2
@@ -251,6 +266,8 @@ class InversionRecoveryModel:
             u = np.where(better, u2, u)
             cost = np.where(better, cost2, cost)
             lam = np.where(better, lam * 0.3, lam * 10.0)
+            if np.all(np.abs(step[2]) < 1e-7) and np.all(np.abs(step[0]) <= 1e-7 * np.abs(a) + 1e-300):
+                break  # converged everywhere
         return a, c, u
 
     def _cost(self, y, a, c, u, signs=None):
@@ -262,17 +279,19 @@ class InversionRecoveryModel:
         """Grid search, then fixed-polarity refinement of both candidates of :meth:`grid_search`;
         the one with the lower magnitude cost wins."""
         k1, t1_1, k2, t1_2 = self.grid_search(y)
-        best = None
-        for k, t1 in ((k1, t1_1), (k2, t1_2)):
-            sg = self._signs(k)
-            a, c = self._closed_form(sg * y, t1)
-            a, c, u = self._refine(y, a, c, np.log(t1), self.n_gauss_newton, signs=sg)
-            cost = self._cost(y, a, c, u)
-            if best is None:
-                best = [a, c, u, cost]
-            else:
-                take = cost < best[3]
-                best = [np.where(take, new, old) for new, old in zip((a, c, u, cost), best)]
+        sg = self._signs(k1)
+        a, c = self._closed_form(sg * y, t1_1)
+        a, c, u = self._refine(y, a, c, np.log(t1_1), self.n_gauss_newton, signs=sg)
+        best = [a, c, u, self._cost(y, a, c, u)]
+        two = np.nonzero(k2 != k1)[0]
+        if len(two):
+            y2, sg2 = y[two], self._signs(k2[two])
+            a, c = self._closed_form(sg2 * y2, t1_2[two])
+            a, c, u = self._refine(y2, a, c, np.log(t1_2[two]), self.n_gauss_newton, signs=sg2)
+            cost = self._cost(y2, a, c, u)
+            take = cost < best[3][two]
+            for arr, new in zip(best, (a, c, u, cost)):
+                arr[two[take]] = new[take]
         a, c, u, _ = best
         if noise in ("rician", "ncchi"):
             a, c, u = self._ml_refine(y, a, c, u, sigma, n_coils if noise == "ncchi" else 1, n_ml_iter)
