@@ -50,7 +50,8 @@ class QMRI:
 
     def map(self, input: str, out: str, method: str = "mle", mask: str | None = None, tis=None, tr=None,
             noise: str = "rician", n_coils: int = 1, sigma: float | None = None, overwrite: bool = False,
-            quiet: bool = False):
+            samples: int | None = None, steps: int | None = None, sampler: str | None = None, device: str = "cpu",
+            bundle: str | None = None, weights: str | None = None, quiet: bool = False):
         """Map T1 (s), PD and inversion efficiency B from an IR series; write NIfTI maps with JSON sidecars.
 
         Args:
@@ -58,7 +59,8 @@ class QMRI:
                 files of one IR series, or a BIDS IRT1 file collection.
             out: output folder: T1map.nii.gz (s), PDmap.nii.gz, InvEffmap.nii.gz (2 = ideal inversion),
                 Residualmap.nii.gz, each with a JSON sidecar, in the input's space.
-            method: mle (classical maximum likelihood, default) or ls (least squares).
+            method: mle (classical maximum likelihood, default), ls (least squares) or diffusor (the
+                trained DDPM bundle: also writes T1map_std/PDmap_std/InvEffmap_std, its uncertainty).
             mask: optional NIfTI mask (non-zero = map); default: voxels with signal above the noise.
             tis: inversion times in s (comma separated) for a NIfTI without sidecar.
             tr: repetition time(s) in s (one, or one per image) for a NIfTI without sidecar.
@@ -66,6 +68,12 @@ class QMRI:
             n_coils: coils of the RSS combination (noise ncchi).
             sigma: noise std per channel; default: estimated from the background.
             overwrite: allow writing into an existing non-empty output folder.
+            samples: diffusor ensemble size (default 10, the paper).
+            steps: diffusor network evaluations per sample with the few-step sampler.
+            sampler: diffusor sampler: dpm++2m (default), ddim, or ddpm (all 1000 steps, the paper).
+            device: cpu or cuda for the learned methods.
+            bundle: bundle folder of the learned method (default bundles/<method>).
+            weights: weights file (default <bundle>/models/model.pt).
         """
         from .io import load_nifti_map, load_series, save_maps
         from .mapping import map_series, output_arrays, sidecars_for
@@ -76,7 +84,8 @@ class QMRI:
             m, _ = load_nifti_map(mask)
             if m.ndim == 2 and len(series.spatial_shape) == 3 and series.spatial_shape[2] == 1:
                 m = m[:, :, None]
-        res = map_series(series, method=method, mask=m, noise=noise, n_coils=int(n_coils), sigma=sigma, progress=not quiet)
+        res = map_series(series, method=method, mask=m, noise=noise, n_coils=int(n_coils), sigma=sigma, progress=not quiet,
+                         samples=samples, steps=steps, sampler=sampler, device=device, bundle_dir=bundle, weights=weights)
         written = save_maps(out, output_arrays(res), series.affine, sidecars_for(res, series, method),
                             overwrite=overwrite, protect=series.files)
         if not quiet:

@@ -67,10 +67,17 @@ def _ls(series, mask, **kw):
     return _classical(series, mask, **kw)
 
 
-METHODS: dict[str, Callable[..., MappingResult]] = {"mle": _mle, "ls": _ls}
+def _diffusor(series, mask, **kw):
+    from .learned import map_series_with_diffusor
+
+    return map_series_with_diffusor(series, mask, **kw)
+
+
+METHODS: dict[str, Callable[..., MappingResult]] = {"mle": _mle, "ls": _ls, "diffusor": _diffusor}
 METHOD_DESCRIPTIONS = {
     "mle": "classical maximum-likelihood fit (Rician by default; noncentral chi with --noise ncchi --n_coils N)",
     "ls": "classical magnitude least-squares fit (polarity restoration x T1 grid + Gauss-Newton)",
+    "diffusor": "qMRI Diffusor: conditional DDPM, mean and voxel-wise std over an ensemble of samples",
 }
 
 

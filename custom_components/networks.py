@@ -1,0 +1,47 @@
+"""Network presets for the three bundles (the configs choose one by name).
+
+The Diffusor's denoiser is MONAI's ``DiffusionModelUNet`` (time embedding, no attention, so it
+maps any matrix whose sides are multiples of 4) with the condition concatenated on the channel
+axis: in_channels = 3 (noisy maps) + N_TI (images) [+ 3 (classical-fit maps) when fit-conditioned].
+"""
+
+from __future__ import annotations
+
+from monai.networks.nets import DiffusionModelUNet
+
+DIFFUSION_PRESETS = {
+    # the paper: 3 levels, 128/256/256 channels (GPU)
+    "paper": dict(channels=(128, 256, 256), num_res_blocks=2, norm_num_groups=32),
+    # trains on 2 CPU cores: 32/64/64, one residual block per level
+    "compact": dict(channels=(32, 64, 64), num_res_blocks=1, norm_num_groups=16),
+    # for tests only
+    "tiny": dict(channels=(8, 16, 16), num_res_blocks=1, norm_num_groups=8),
+}
+
+
+def condition_channels(n_images: int, fit_condition: bool = False) -> int:
+    return int(n_images) + (3 if fit_condition else 0)
+
+
+def diffusion_unet(preset: str = "compact", n_images: int = 7, fit_condition: bool = False, n_params: int = 3) -> DiffusionModelUNet:
+    """The conditional denoiser: input = noisy maps (3) + condition, output = 3 channels."""
+    if preset not in DIFFUSION_PRESETS:
+        raise ValueError(f"unknown network preset {preset!r}; choose one of {sorted(DIFFUSION_PRESETS)}")
+    p = DIFFUSION_PRESETS[preset]
+    return DiffusionModelUNet(
+        spatial_dims=2,
+        in_channels=n_params + condition_channels(n_images, fit_condition),
+        out_channels=n_params,
+        channels=p["channels"],
+        attention_levels=(False,) * len(p["channels"]),
+        num_res_blocks=p["num_res_blocks"],
+        norm_num_groups=p["norm_num_groups"],
+        num_head_channels=p["channels"][-1],
+    )
+
+
+def n_parameters(net) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+__all__ = ["DIFFUSION_PRESETS", "diffusion_unet", "condition_channels", "n_parameters"]

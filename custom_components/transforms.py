@@ -1,0 +1,144 @@
+"""MONAI dictionary transforms that the bundle configs chain together.
+
+    {"index": i} --SyntheticItemd--> {"image" (N,H,W), "label" (3,H,W) T1 s/PD/B, "mask" (1,H,W), "snr"}
+                 --ClassicalFitd--->  + "fit" (3,H,W): the classical fit of the images (optional condition)
+                 --QMRIScaled------>  image / s, label and fit in tanh space, "scale" = s
+                 --ConcatItemsd---->  "cond" = [image, fit] (or image alone)
+
+The same ``ClassicalFitd`` + ``QMRIScaled`` run on real scans at inference, so the network sees
+the same inputs in training and use.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from monai.transforms import MapTransform, Transform
+
+from .protocol import get_protocol
+
+
+class SyntheticItemd(Transform):
+    """Item ``d[index_key]`` of the on-the-fly synthetic dataset (deterministic for the config's seed)."""
+
+    def __init__(self, config: Mapping, index_key: str = "index"):
+        from .synthesis import SynthesisConfig, SyntheticIRDataset
+
+        cfg = dict(config)
+        self.dataset = SyntheticIRDataset(SynthesisConfig(**cfg))
+        self.index_key = index_key
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        d.update(self.dataset[int(d[self.index_key])])
+        return d
+
+
+class ClassicalFitd(MapTransform):
+    """Adds the classical magnitude least-squares fit of ``image`` (N, H, W) as ``out_key`` (3, H, W).
+
+    T1 (s) is clipped to [0, ``t1_max_s``] and B to [0, 3]; voxels without signal (max over TIs
+    below ``threshold`` x the robust maximum) get zeros, like the background of the labels.
+    """
+
+    def __init__(self, protocol="paper", image_key: str = "image", out_key: str = "fit", threshold: float = 0.03,
+                 t1_max_s: float = 10.0):
+        super().__init__([image_key])
+        from .fitting import InversionRecoveryModel
+
+        self.model = InversionRecoveryModel(get_protocol(protocol))
+        self.image_key, self.out_key = image_key, out_key
+        self.threshold, self.t1_max_s = threshold, t1_max_s
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        img = torch.as_tensor(d[self.image_key])
+        y = img.detach().cpu().double().numpy()
+        y = np.moveaxis(y, 0, -1)  # (H, W, N)
+        vmax = y.max(-1)
+        mask = vmax > self.threshold * max(np.quantile(vmax, 0.995), 1e-12)
+        fit = self.model.fit(np.clip(y, 0, None), mask=mask)
+        maps = np.stack([np.clip(fit.t1, 0, self.t1_max_s), np.clip(fit.pd, 0, None), np.clip(fit.b, 0, 3.0)])
+        d[self.out_key] = torch.as_tensor(maps, dtype=img.dtype)
+        return d
+
+
+class EnsureFloatd(MapTransform):
+    """Cast the given keys to float32 tensors (after numpy-based steps)."""
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for k in self.key_iterator(d):
+            v = d[k]
+            v = v.as_tensor() if hasattr(v, "as_tensor") else torch.as_tensor(v)  # MetaTensor -> Tensor
+            d[k] = v.float()
+        return d
+
+
+
+
+class LoadIRSeriesd(MapTransform):
+    """Read ``d[key]`` (a NIfTI / DICOM folder / BIDS IRT1 path) with :func:`custom_components.io.load_series`.
+
+    Produces, for a series of Z slices: ``key`` (Z, N, X, Y) float32 magnitude images, ``scale`` (Z,)
+    the robust signal scale per slice, ``mask`` (Z, X, Y) voxels with signal, ``affine`` (4, 4),
+    ``source`` (str). With ``protocol`` given, the series' TIs must match it (a learned model maps
+    only the protocol it was trained for).
+    """
+
+    def __init__(self, keys=("image",), protocol=None, tis=None):
+        super().__init__(keys)
+        self.protocol = get_protocol(protocol) if protocol is not None else None
+        self.tis = tis
+
+    def __call__(self, data: Mapping) -> dict:
+        from .fitting import signal_mask
+        from .io import InputError, load_series
+        from .scaling import signal_scale
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            series = load_series(d[key], tis=self.tis)
+            if self.protocol is not None:
+                p, q = self.protocol, series.protocol
+                if p.n_images != q.n_images or not np.allclose(p.tis, q.tis, rtol=0.02, atol=1e-3):
+                    raise InputError(f"{series.source}: TIs {list(q.inversion_times_s)} s differ from the model's "
+                                     f"{list(p.inversion_times_s)} s; train a model for this protocol")
+            img = torch.as_tensor(np.ascontiguousarray(np.transpose(series.data, (2, 3, 0, 1))), dtype=torch.float32)
+            d[key] = img
+            d["scale"] = signal_scale(img)
+            d["mask"] = torch.as_tensor(np.transpose(signal_mask(series.data), (2, 0, 1)))
+            d["affine"] = torch.as_tensor(series.affine)
+            d["source"] = str(series.source)
+            d["protocol_json"] = json.dumps(series.protocol.to_dict())  # a string survives collation
+            d["notes"] = "; ".join(series.notes)
+        return d
+
+
+class SliceConditiond(Transform):
+    """``cond`` (Z, C, X, Y) = image / scale per slice [+ the classical fit in tanh space]."""
+
+    def __init__(self, fit_condition: bool = False, protocol="paper", image_key: str = "image"):
+        self.fit = ClassicalFitd(protocol) if fit_condition else None
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping) -> dict:
+        from .scaling import encode_maps
+
+        d = dict(data)
+        img, s = d[self.image_key], d["scale"]
+        cond = img / s.view(-1, 1, 1, 1)
+        if self.fit is not None:
+            fits = torch.stack([self.fit({"image": img[z]})["fit"] for z in range(img.shape[0])])
+            cond = torch.cat([cond, encode_maps(fits, s)], dim=1)
+        d["cond"] = cond
+        return d
+
+
+__all__ = ["SyntheticItemd", "ClassicalFitd", "EnsureFloatd", "LoadIRSeriesd", "SliceConditiond"]

@@ -1,0 +1,184 @@
+"""The qMRI Diffusor: scaling, samplers against a known posterior, and the bundle end to end (tiny)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from custom_components.inferers import (EnsembleDDPMInferer, ddim_sample, ddim_timesteps, ddpm_sample, ddpm_scheduler,
+                                        dpmpp2m_sample, ensemble_statistics, logsnr_timesteps, target_for, to_x0_eps)
+from custom_components.scaling import QMRIScaled, decode_maps, encode_maps, signal_scale
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "diffusor"
+TINY = ["--network_preset", "tiny", "--n_train_slices", "2", "--n_val_slices", "1", "--crop_size", "32",
+        "--val_interval", "1", "--cache_workers", "0", "--torch_threads", "1"]
+
+
+def test_scaling_round_trip_and_range():
+    g = torch.Generator().manual_seed(0)
+    maps = torch.stack([torch.exp(torch.empty(2, 16, 16).uniform_(np.log(0.02), np.log(5.0), generator=g)),
+                        torch.rand(2, 16, 16, generator=g) * 1.2, 1.2 + 0.8 * torch.rand(2, 16, 16, generator=g)], dim=1).double()
+    s = torch.tensor([0.9, 1.7], dtype=torch.float64)
+    y = encode_maps(maps, s)
+    assert y.min() >= -1 and y.max() < 1
+    np.testing.assert_allclose(decode_maps(y, s).numpy(), maps.numpy(), rtol=1e-9)
+    # f(x) = 2 tanh(x) - 1 per parameter after the documented normalisation
+    assert encode_maps(torch.tensor([[[[2.0]], [[1.7]], [[2.0]]]], dtype=torch.float64), torch.tensor([1.7], dtype=torch.float64)).flatten().tolist() == \
+        pytest.approx([2 * np.tanh(1.0) - 1] * 3)
+    t = QMRIScaled(keys=["label"])
+    d = t({"image": torch.rand(7, 8, 8) * 3, "label": maps[0].float()})
+    # images are divided by the 99.5th percentile of their max over TIs
+    assert float(torch.quantile(d["image"].amax(0).flatten(), 0.995)) == pytest.approx(1.0, rel=1e-5)
+    np.testing.assert_allclose(t.inverse(d)["label"].numpy(), maps[0].numpy(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("ptype", ["epsilon", "v_prediction", "sample"])
+def test_prediction_targets_are_consistent(ptype):
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
+    abar = torch.tensor(0.3, dtype=torch.float64)
+    xt = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    x0_hat, eps_hat = to_x0_eps(target_for(x0, eps, abar, ptype), xt, abar, ptype)
+    np.testing.assert_allclose(x0_hat.numpy(), x0.numpy(), atol=1e-12)
+    np.testing.assert_allclose(eps_hat.numpy(), eps.numpy(), atol=1e-12)
+    # MONAI's own v (its VPredictionPrepareBatch target) agrees with ours
+    sch = ddpm_scheduler(prediction_type="v_prediction")
+    t = torch.tensor([300])
+    v = sch.get_velocity(x0[None].float(), eps[None].float(), t)
+    ours = target_for(x0, eps, sch.alphas_cumprod[300].double(), "v_prediction")
+    np.testing.assert_allclose(v[0].numpy(), ours.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def _gaussian_denoiser(m, s, abar):
+    """Exact E[x0 | x_t] for x0 ~ N(m, s^2): the 'sample' prediction of a perfect network."""
+    def model(x, t):
+        a = abar[t].view(-1, *([1] * (x.ndim - 1)))
+        return m + a.sqrt() * s**2 / (a * s**2 + 1 - a) * (x - a.sqrt() * m)
+    return model
+
+
+def test_grids():
+    ts = ddim_timesteps(1000, 10)
+    assert ts[0] == 999 and ts[-1] == 0 and len(ts) == 10 and np.all(np.diff(ts) < 0)
+    ls = logsnr_timesteps(ddpm_scheduler().alphas_cumprod, 20)
+    assert ls[0] == 999 and ls[-1] == 0 and np.all(np.diff(ls) < 0) and len(ls) >= 18
+
+
+@pytest.mark.parametrize("m,s", [(0.2, 0.1), (-0.3, 0.3)])
+def test_samplers_draw_the_known_gaussian_posterior(m, s):
+    """Exact denoiser of x0 ~ N(m, s^2): DPM-Solver++(2M) in 20 steps and full DDPM give the right
+    mean and spread; DDIM on a linear grid is too narrow with few steps (the documented pitfall)."""
+    sch = ddpm_scheduler(prediction_type="sample")
+    abar = sch.alphas_cumprod.double()
+    model = _gaussian_denoiser(m, s, abar)
+    x_T = torch.randn(20000, 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x = dpmpp2m_sample(model, x_T, sch.alphas_cumprod, 20, "sample")
+    assert float(x.mean()) == pytest.approx(m, abs=0.01)
+    assert float(x.std()) == pytest.approx(s, rel=0.06)
+    x = ddpm_sample(model, x_T, sch, generator=torch.Generator().manual_seed(3))
+    assert float(x.mean()) == pytest.approx(m, abs=0.01)
+    assert float(x.std()) == pytest.approx(s, rel=0.06)
+    x = ddim_sample(model, x_T, sch.alphas_cumprod, 10, "sample")
+    assert float(x.mean()) == pytest.approx(m, abs=0.01)
+    assert float(x.std()) < 0.8 * s
+
+
+def test_ensemble_inferer_shapes_padding_and_statistics():
+    sch = ddpm_scheduler(prediction_type="sample")
+    net = lambda x, timesteps: torch.zeros_like(x[:, :3]) + 0.1  # noqa: E731 - constant x0 prediction
+    inf = EnsembleDDPMInferer(sch, n_samples=4, sampler="dpm++2m", steps=5, seed=0)
+    out = inf(torch.zeros(2, 7, 30, 22), net)
+    assert out.shape == (2, 4, 3, 30, 22) and inf.network_evaluations == 5
+    assert torch.allclose(out, torch.full_like(out, 0.1))
+    mean, std = ensemble_statistics(out, torch.tensor([1.0, 2.0]))
+    np.testing.assert_allclose(mean[0, 0].numpy(), np.arctanh(0.55) * 2.0, rtol=1e-5)  # T1 = 2 s atanh((y+1)/2)
+    np.testing.assert_allclose(mean[1, 1].numpy(), np.arctanh(0.55) * 2.0, rtol=1e-5)  # PD scales with s
+    assert float(std.abs().max()) == 0
+    assert EnsembleDDPMInferer(sch, sampler="ddpm").network_evaluations == 1000
+
+
+def _run(args, cwd=REPO, timeout=600):
+    r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=cwd, capture_output=True, text=True,
+                       timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory):
+    """A tiny Diffusor trained for 2 epochs through `monai.bundle run training`, then resumed to 3."""
+    root = tmp_path_factory.mktemp("bundle")
+    shutil.copytree(BUNDLE / "configs", root / "configs")
+    log = _run(["training", "--config_file", str(root / "configs" / "train.json"), "--bundle_root", str(root),
+                "--max_epochs", "2", *TINY])
+    assert "val_t1_mape" in log
+    state = torch.load(root / "models" / "checkpoint_last.pt", weights_only=True)
+    assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"]  # 2 epochs done
+    log2 = _run(["training", "--config_file", str(root / "configs" / "train.json"), "--bundle_root", str(root),
+                 "--max_epochs", "3", *TINY])
+    state = torch.load(root / "models" / "checkpoint_last.pt", weights_only=True)
+    assert state["trainer"]["iteration"] == 3 * state["trainer"]["epoch_length"] and state["trainer"]["max_epochs"] == 3
+    assert "Epoch: 1/3" not in log2  # resumed: epochs 1-2 were not run again
+    return root
+
+
+def test_train_resume_and_infer_through_monai_bundle(trained_tiny, tmp_path):
+    root = trained_tiny
+    assert (root / "models" / "model.pt").exists()
+    from custom_components.synthesis import Effects, nist_twin
+    from custom_components.io import save_series
+    from custom_components.protocol import paper_protocol
+    tw = nist_twin("paper", snr=50, effects=Effects(echo_train=False), matrix=(48, 48), fov_mm=250.0)
+    save_series(tmp_path / "twin.nii.gz", tw["image"].transpose(1, 2, 0)[:, :, None, :], np.eye(4), paper_protocol())
+    _run(["--config_file", str(root / "configs" / "inference.json"), "--bundle_root", str(root), "--network_preset", "tiny",
+          "--input_path", str(tmp_path / "twin.nii.gz"), "--output_dir", str(tmp_path / "maps"), "--n_samples", "3", "--steps", "2"])
+    for stem in ("T1map", "PDmap", "InvEffmap", "T1map_std", "PDmap_std", "InvEffmap_std"):
+        img = nib.load(tmp_path / "maps" / f"{stem}.nii.gz")
+        assert img.shape == (48, 48, 1) and np.isfinite(img.get_fdata()).all()
+        side = json.loads((tmp_path / "maps" / f"{stem}.json").read_text())
+        assert side["Method"] == "diffusor" and side["Fit"]["n_samples"] == 3
+    assert nib.load(tmp_path / "maps" / "T1map_std.nii.gz").get_fdata().max() > 0
+
+
+def test_check_properties(trained_tiny):
+    from monai.bundle import ConfigWorkflow
+
+    for cfg, kind in (("train.json", "train"), ("inference.json", "infer")):
+        wf = ConfigWorkflow(config_file=str(BUNDLE / "configs" / cfg), workflow_type=kind,
+                            meta_file=str(BUNDLE / "configs" / "metadata.json"), logging_file=str(BUNDLE / "configs" / "logging.conf"),
+                            bundle_root=str(trained_tiny),
+                            **({"network_preset": "tiny", "n_train_slices": 2, "n_val_slices": 1, "cache_workers": 0} if kind == "train" else {}))
+        wf.initialize()
+        assert wf.check_properties() in (None, [])
+
+
+def test_qmri_map_with_diffusor_and_protocol_check(trained_tiny, tmp_path, capsys):
+    from custom_components.cli import main
+    from custom_components.io import save_series
+    from custom_components.protocol import nist_15t_protocol, paper_protocol
+    from custom_components.synthesis import Effects, nist_twin
+
+    root = trained_tiny
+    inf = json.loads((root / "configs" / "inference.json").read_text())
+    inf["network_preset"] = "tiny"
+    (root / "configs" / "inference.json").write_text(json.dumps(inf))
+    tw = nist_twin("paper", snr=50, effects=Effects(echo_train=False), matrix=(40, 40))
+    save_series(tmp_path / "twin.nii.gz", tw["image"].transpose(1, 2, 0)[:, :, None, :], np.eye(4), paper_protocol())
+    assert main(["map", str(tmp_path / "twin.nii.gz"), "--out", str(tmp_path / "m"), "--method", "diffusor",
+                 "--bundle", str(root), "--samples", "2", "--steps", "2", "--quiet"]) == 0
+    assert (tmp_path / "m" / "T1map_std.nii.gz").exists()
+    # another protocol: a clear one-line error, no output
+    tw2 = nist_twin("nist15", snr=50, effects=Effects(echo_train=False), matrix=(40, 40))
+    save_series(tmp_path / "n15.nii.gz", tw2["image"].transpose(1, 2, 0)[:, :, None, :], np.eye(4), nist_15t_protocol())
+    capsys.readouterr()
+    assert main(["map", str(tmp_path / "n15.nii.gz"), "--out", str(tmp_path / "m2"), "--method", "diffusor",
+                 "--bundle", str(root), "--quiet"]) == 2
+    assert "train a model for this protocol" in capsys.readouterr().err and not (tmp_path / "m2").exists()
