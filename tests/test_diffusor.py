@@ -118,8 +118,15 @@ def trained_tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundle")
     shutil.copytree(BUNDLE / "configs", root / "configs")
     log = _run(["training", "--config_file", str(root / "configs" / "train.json"), "--bundle_root", str(root),
-                "--max_epochs", "2", *TINY])
+                "--max_epochs", "2", "--tracking", "mlflow", *TINY])
     assert "val_t1_mape" in log
+    # MLflow: a local SQLite store with the loss, the validation metrics, parameters and the merged config
+    import mlflow
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{root / 'eval' / 'mlruns.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    assert {"train_loss", "val_t1_mape", "val_pd_mape"} <= set(runs[0].data.metrics) and runs[0].data.params
+    assert any(a.path.startswith("config") for a in client.list_artifacts(runs[0].info.run_id))
     state = torch.load(root / "models" / "checkpoint_last.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"]  # 2 epochs done
     log2 = _run(["training", "--config_file", str(root / "configs" / "train.json"), "--bundle_root", str(root),
