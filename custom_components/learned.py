@@ -47,14 +47,21 @@ class DiffusorMapper:
             parser[k] = v
         self.parser = parser
         self.device = torch.device(device)
-        self.network = parser.get_parsed_content("network_def").to(self.device)
         path = Path(weights) if weights is not None else Path(parser.get_parsed_content("ckpt_path"))
         if not path.exists():
             raise InputError(f"{path}: no trained weights; train the bundle first (see its docs/README.md)")
-        from .training import load_weights
-
         try:
-            load_weights(self.network, str(path))
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - anything unreadable is bad input here
+            raise InputError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        # weights trained with the classical fit in the condition have 3 more input channels
+        w_in = state.get("conv_in.conv.weight") if isinstance(state, dict) else None
+        if w_in is not None and "fit_condition" not in (overrides or {}):
+            n_img = int(parser.get_parsed_content("n_images"))
+            parser["fit_condition"] = bool(w_in.shape[1] == 3 + n_img + 3)
+        self.network = parser.get_parsed_content("network_def").to(self.device)
+        try:
+            self.network.load_state_dict(state)
         except Exception as e:  # noqa: BLE001 - anything unreadable is bad input here
             raise InputError(f"{path}: cannot load weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
         self.network.eval()

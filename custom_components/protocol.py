@@ -204,6 +204,20 @@ def _common(values: Sequence[float | None], what: str) -> float | None:
     return float(vals[0])
 
 
+def _from_header_values(tis, trs, tes, etls, b0s, name: str) -> Protocol:
+    """A protocol from per-image header values (times in s; None where a header lacks a value)."""
+    tr = None
+    if all(t is not None for t in trs):
+        tr = tuple(float(t) for t in trs)
+        if np.allclose(tr, tr[0]):
+            tr = tr[0]
+    te = _common(tes, "EchoTime")
+    etl = _common(etls, "EchoTrainLength")
+    b0 = _common(b0s, "MagneticFieldStrength")
+    return Protocol(inversion_times_s=tuple(tis), repetition_time_s=tr, echo_time_s=te or 0.0,
+                    echo_train_length=int(etl or 1), echo_spacing_s=te or 0.0, field_strength_t=b0 or 3.0, name=name)
+
+
 def from_inversion_times(tis_s: Iterable[float], tr_s=None, **kw) -> Protocol:
     """A protocol from inversion times in s (and optionally TR in s), other fields defaulted."""
     return Protocol(inversion_times_s=tuple(float(t) for t in tis_s), repetition_time_s=tr_s, **kw)
@@ -227,23 +241,9 @@ def from_bids_sidecars(sidecars: Sequence[dict]) -> Protocol:
             raise ProtocolError(f"sidecar {i} has no InversionTime")
         tis.append(float(sc["InversionTime"]))
     trs = [sc.get("RepetitionTimeExcitation", sc.get("RepetitionTime")) for sc in sidecars]
-    tr = None
-    if all(t is not None for t in trs):
-        tr = tuple(float(t) for t in trs)
-        if np.allclose(tr, tr[0]):
-            tr = tr[0]
-    etl = _common([sc.get("EchoTrainLength") for sc in sidecars], "EchoTrainLength")
-    te = _common([sc.get("EchoTime") for sc in sidecars], "EchoTime")
-    b0 = _common([sc.get("MagneticFieldStrength") for sc in sidecars], "MagneticFieldStrength")
-    return Protocol(
-        inversion_times_s=tuple(tis),
-        repetition_time_s=tr,
-        echo_time_s=te or 0.0,
-        echo_train_length=int(etl or 1),
-        echo_spacing_s=te or 0.0,
-        field_strength_t=b0 or 3.0,
-        name="bids",
-    )
+    return _from_header_values(tis, trs, [sc.get("EchoTime") for sc in sidecars],
+                               [sc.get("EchoTrainLength") for sc in sidecars],
+                               [sc.get("MagneticFieldStrength") for sc in sidecars], "bids")
 
 
 def from_dicom_headers(datasets: Sequence) -> Protocol:
@@ -258,22 +258,9 @@ def from_dicom_headers(datasets: Sequence) -> Protocol:
         if ti is None:
             raise ProtocolError(f"DICOM image {i} has no InversionTime (0018,0082)")
         tis.append(ti)
-    trs = [ms(ds, "RepetitionTime") for ds in datasets]
-    tr = None
-    if all(t is not None for t in trs):
-        tr = tuple(trs) if not np.allclose(trs, trs[0]) else trs[0]
-    te = _common([ms(ds, "EchoTime") for ds in datasets], "EchoTime")
-    etl = _common([ds.get("EchoTrainLength") for ds in datasets], "EchoTrainLength")
-    b0 = _common([ds.get("MagneticFieldStrength") for ds in datasets], "MagneticFieldStrength")
-    return Protocol(
-        inversion_times_s=tuple(tis),
-        repetition_time_s=tr,
-        echo_time_s=te or 0.0,
-        echo_train_length=int(etl or 1),
-        echo_spacing_s=te or 0.0,
-        field_strength_t=b0 or 3.0,
-        name="dicom",
-    )
+    return _from_header_values(tis, [ms(ds, "RepetitionTime") for ds in datasets],
+                               [ms(ds, "EchoTime") for ds in datasets], [ds.get("EchoTrainLength") for ds in datasets],
+                               [ds.get("MagneticFieldStrength") for ds in datasets], "dicom")
 
 
 __all__ = ["Protocol", "ProtocolError", "paper_protocol", "nist_15t_protocol", "get_protocol",
