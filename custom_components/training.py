@@ -59,6 +59,18 @@ def attach_checkpointing(trainer, ckpt_dir: str, objects: dict, resume: bool = T
     return False
 
 
+def init_from_weights(path: str | None, *networks: torch.nn.Module) -> bool:
+    """Start training from trained weights (e.g. a bundle's models/model.pt): load them into each
+    network (the online one and its EMA copy). A ``checkpoint_last.pt`` found later by
+    :func:`attach_checkpointing` still takes precedence (it is loaded after this)."""
+    if not path:
+        return False
+    for net in networks:
+        load_weights(net, path)
+    LOGGER.info("initialised %d network(s) from %s", len(networks), path)
+    return True
+
+
 def load_weights(network: torch.nn.Module, path: str, key: str | None = None) -> torch.nn.Module:
     """Load CPU weights (a state dict, or a dict holding one under ``key``) with weights_only=True."""
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -68,4 +80,4 @@ def load_weights(network: torch.nn.Module, path: str, key: str | None = None) ->
     return network
 
 
-__all__ = ["attach_checkpointing", "load_weights", "CHECKPOINT_NAME"]
+__all__ = ["attach_checkpointing", "init_from_weights", "load_weights", "CHECKPOINT_NAME"]

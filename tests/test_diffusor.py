@@ -189,3 +189,14 @@ def test_qmri_map_with_diffusor_and_protocol_check(trained_tiny, tmp_path, capsy
     assert main(["map", str(tmp_path / "n15.nii.gz"), "--out", str(tmp_path / "m2"), "--method", "diffusor",
                  "--bundle", str(root), "--quiet"]) == 2
     assert "train a model for this protocol" in capsys.readouterr().err and not (tmp_path / "m2").exists()
+
+
+def test_init_from_weights(tmp_path):
+    from custom_components.networks import diffusion_unet
+    from custom_components.training import init_from_weights
+
+    a, b, c = (diffusion_unet("tiny") for _ in range(3))
+    torch.save(a.state_dict(), tmp_path / "w.pt")
+    assert init_from_weights(str(tmp_path / "w.pt"), b, c) and not init_from_weights(None, b)
+    for net in (b, c):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), net.state_dict().values()))
