@@ -70,30 +70,30 @@ class DiffusorMapper:
         from .protocol import get_protocol
 
         self.protocol = get_protocol(parser.get_parsed_content("protocol"))
+        from .transforms import SliceConditiond
+
+        self._conditioner = SliceConditiond(self.fit_condition, self.protocol)  # the bundle's own preprocessing
 
     def check_protocol(self, series: IRSeries) -> None:
         """A learned model maps only the protocol it was trained for (re-train for another one)."""
-        p, q = self.protocol, series.protocol
-        if p.n_images != q.n_images or not np.allclose(p.tis, q.tis, rtol=0.02, atol=1e-3):
-            raise InputError(f"the model was trained for TIs {[round(t, 4) for t in p.inversion_times_s]} s, "
-                             f"the input has {[round(t, 4) for t in q.inversion_times_s]} s; train a model for this "
-                             "protocol (bundles/diffusor/docs/README.md: 'another protocol')")
+        from .protocol import ProtocolError, check_same_inversion_times
+
+        try:
+            check_same_inversion_times(self.protocol, series.protocol)
+        except ProtocolError as e:
+            raise InputError(str(e)) from None
 
     @torch.no_grad()
     def map_slice(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, H, W) magnitude images -> mean (3, H, W) and std (3, H, W) of (T1 s, PD, B)."""
         from .inferers import ensemble_statistics
-        from .scaling import encode_maps, signal_scale
-        from .transforms import ClassicalFitd
+        from .scaling import signal_scale
 
-        img = torch.as_tensor(np.asarray(images, dtype=np.float32))
+        img = torch.as_tensor(np.asarray(images, dtype=np.float32))[None]  # one slice: (1, N, H, W)
         s = signal_scale(img)
-        cond = img / s
-        if self.fit_condition:
-            fit = ClassicalFitd(self.protocol)({"image": img})["fit"]
-            cond = torch.cat([cond, encode_maps(fit, s)], dim=0)
+        cond = self._conditioner({"image": img, "scale": s})["cond"][0]
         samples = self.inferer(cond[None].to(self.device), self.network)
-        mean, std = ensemble_statistics(samples.float().cpu(), s.reshape(1))
+        mean, std = ensemble_statistics(samples.float().cpu(), s)
         return mean[0].numpy(), std[0].numpy()
 
 

@@ -141,6 +141,15 @@ class Protocol:
         return Protocol.from_dict(d)
 
 
+def check_same_inversion_times(expected: Protocol, given: Protocol, where: str = "the input") -> None:
+    """Raise ProtocolError unless ``given`` has the inversion times a learned model was trained for
+    (2 % / 1 ms tolerance): such a model maps only its training protocol."""
+    if expected.n_images != given.n_images or not np.allclose(expected.tis, given.tis, rtol=0.02, atol=1e-3):
+        raise ProtocolError(f"the model was trained for TIs {[round(t, 4) for t in expected.inversion_times_s]} s, "
+                            f"{where} has {[round(t, 4) for t in given.inversion_times_s]} s; train a model for this "
+                            "protocol (bundles/diffusor/docs/README.md: 'another protocol')")
+
+
 def paper_protocol() -> Protocol:
     """The qMRI Diffusor paper's IR-FSE protocol (GE 3 T): 7 TIs 0.05-2.5 s, TR 10 s, TE 7.14 ms, ETL 64."""
     return Protocol(
@@ -263,5 +272,5 @@ def from_dicom_headers(datasets: Sequence) -> Protocol:
                                [ds.get("MagneticFieldStrength") for ds in datasets], "dicom")
 
 
-__all__ = ["Protocol", "ProtocolError", "paper_protocol", "nist_15t_protocol", "get_protocol",
+__all__ = ["Protocol", "ProtocolError", "check_same_inversion_times", "paper_protocol", "nist_15t_protocol", "get_protocol",
            "from_inversion_times", "from_bids_sidecars", "from_dicom_headers", "PRESETS"]

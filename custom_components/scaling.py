@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 
-import numpy as np
 import torch
 from monai.transforms import InvertibleTransform, MapTransform
 

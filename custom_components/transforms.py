@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform, Transform
 
-from .protocol import get_protocol
+from .protocol import ProtocolError, check_same_inversion_times, get_protocol
 
 
 class SyntheticItemd(Transform):
@@ -106,10 +106,10 @@ class LoadIRSeriesd(MapTransform):
         for key in self.key_iterator(d):
             series = load_series(d[key], tis=self.tis)
             if self.protocol is not None:
-                p, q = self.protocol, series.protocol
-                if p.n_images != q.n_images or not np.allclose(p.tis, q.tis, rtol=0.02, atol=1e-3):
-                    raise InputError(f"{series.source}: TIs {list(q.inversion_times_s)} s differ from the model's "
-                                     f"{list(p.inversion_times_s)} s; train a model for this protocol")
+                try:
+                    check_same_inversion_times(self.protocol, series.protocol, str(series.source))
+                except ProtocolError as e:
+                    raise InputError(str(e)) from None
             img = torch.as_tensor(np.ascontiguousarray(np.transpose(series.data, (2, 3, 0, 1))), dtype=torch.float32)
             d[key] = img
             d["scale"] = signal_scale(img)

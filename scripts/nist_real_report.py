@@ -15,7 +15,6 @@ import time
 from datetime import date
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ import torch
 
 from custom_components.inferers import (EnsembleDDPMInferer, ddim_sample, ddim_timesteps, ddpm_sample, ddpm_scheduler,
                                         dpmpp2m_sample, ensemble_statistics, logsnr_timesteps, target_for, to_x0_eps)
-from custom_components.scaling import QMRIScaled, decode_maps, encode_maps, signal_scale
+from custom_components.scaling import QMRIScaled, decode_maps, encode_maps
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "diffusor"
@@ -200,3 +200,15 @@ def test_init_from_weights(tmp_path):
     assert init_from_weights(str(tmp_path / "w.pt"), b, c) and not init_from_weights(None, b)
     for net in (b, c):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), net.state_dict().values()))
+
+
+def test_mapper_detects_fit_conditioned_weights(trained_tiny, tmp_path):
+    from custom_components.learned import DiffusorMapper
+    from custom_components.networks import diffusion_unet
+
+    torch.save(diffusion_unet("tiny", fit_condition=True).state_dict(), tmp_path / "fc.pt")
+    m = DiffusorMapper(trained_tiny, tmp_path / "fc.pt", {"network_preset": "tiny", "n_samples": 2, "steps": 2})
+    assert m.fit_condition
+    mean, std = m.map_slice(np.random.default_rng(0).random((7, 16, 16)) + 0.1)
+    assert mean.shape == (3, 16, 16) and std.shape == (3, 16, 16)
+    assert not DiffusorMapper(trained_tiny, trained_tiny / "models" / "model.pt", {"network_preset": "tiny"}).fit_condition
