@@ -1,6 +1,6 @@
 """``qmri``: the command line, a thin layer over the package (python-fire).
 
-    qmri map INPUT --out DIR [--method mle|ls] [--mask M] [--tis 0.05,0.1,...] [--tr 10]
+    qmri map INPUT --out DIR [--method mle|ls|diffusor|resnet|rim] [--mask M] [--tis 0.05,0.1,...] [--tr 10]
     qmri phantom --out DIR [--protocol paper] [--snr 50] [--noise rician] [--echo_train] [--gibbs 1]
     qmri synthesize --out DIR [--n 16] [--protocol paper] [--wide_t1] [--seed 0]
     qmri report T1MAP [--plate T1] [--field 3] [--version 2] [--out table.md]
@@ -59,14 +59,15 @@ class QMRI:
                 files of one IR series, or a BIDS IRT1 file collection.
             out: output folder: T1map.nii.gz (s), PDmap.nii.gz, InvEffmap.nii.gz (2 = ideal inversion),
                 Residualmap.nii.gz, each with a JSON sidecar, in the input's space.
-            method: mle (classical maximum likelihood, default), ls (least squares) or diffusor (the
-                trained DDPM bundle: also writes T1map_std/PDmap_std/InvEffmap_std, its uncertainty).
+            method: mle (classical maximum likelihood, default), ls (least squares), diffusor (the
+                trained DDPM bundle: also writes T1map_std/PDmap_std/InvEffmap_std, its uncertainty),
+                resnet (direct regression) or rim (recurrent inference machine; any protocol).
             mask: optional NIfTI mask (non-zero = map); default: voxels with signal above the noise.
             tis: inversion times in s (comma separated) for a NIfTI without sidecar.
             tr: repetition time(s) in s (one, or one per image) for a NIfTI without sidecar.
             noise: rician (one coil) or ncchi (root-sum-of-squares of --n_coils coils) for mle.
             n_coils: coils of the RSS combination (noise ncchi).
-            sigma: noise std per channel; default: estimated from the background.
+            sigma: noise std per channel (mle, rim); default: estimated from the background.
             overwrite: allow writing into an existing non-empty output folder.
             samples: diffusor ensemble size (default 10, the paper).
             steps: diffusor network evaluations per sample with the few-step sampler.

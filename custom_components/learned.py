@@ -1,11 +1,13 @@
-"""Mapping real series with a trained bundle (the Diffusor now; the ResNet and RIM plug in the same way).
+"""Mapping real series with a trained bundle: the Diffusor, the ResNet or the RIM.
 
-``DiffusorMapper(bundle_dir)`` reads the bundle's ``configs/inference.json`` (network definition,
-scheduler, ensemble inferer, protocol), loads ``models/model.pt`` with ``weights_only=True`` and
-maps a series slice by slice: images / s (the robust signal scale), optionally with the classical
-fit as extra condition, ``n_samples`` maps drawn in one batch, decoded to T1 (s), PD, B, and their
-voxel-wise mean and standard deviation. ``qmri map --method diffusor`` and the bundle's
-``inference.json`` ``run`` both call :func:`map_series_with_diffusor`.
+``BundleMapper(bundle_dir)`` reads the bundle's ``configs/inference.json`` (network definition,
+scheduler and ensemble inferer for the Diffusor, protocol), loads ``models/model.pt`` with
+``weights_only=True`` and maps a series slice by slice: images / s (the robust signal scale),
+optionally with the classical fit as extra condition; the Diffusor draws ``n_samples`` maps in
+one batch (-> mean and voxel-wise std), the ResNet regresses the maps, the RIM iterates with the
+likelihood gradient of the series' own protocol. ``qmri map --method diffusor|resnet|rim`` calls
+:func:`map_series_with_bundle`; the bundles' ``inference.json`` share the transforms and
+:class:`SaveMapsHandler`.
 """
 
 from __future__ import annotations
@@ -21,21 +23,25 @@ from .io import InputError, IRSeries
 REPO_BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 
 
-class DiffusorMapper:
-    """A trained qMRI Diffusor ready to map series.
+LEARNED_METHODS = ("diffusor", "resnet", "rim")
+
+
+class BundleMapper:
+    """A trained bundle (diffusor, resnet or rim) ready to map series.
 
     Args:
-        bundle_dir: the bundle folder (default: bundles/diffusor of this repository).
-        weights: a weights file (default: ``<bundle>/models/model.pt``).
+        bundle_dir: the bundle folder (default: bundles/<method> of this repository).
+        weights: a weights file (default: the config's ``ckpt_path``, ``<bundle>/models/model.pt``).
         overrides: config overrides (e.g. {"n_samples": 10, "sampler": "ddpm", "steps": 20}).
         device: "cpu", "cuda", ...
+        method: which kind of bundle (default: read from the config's ``method``, else "diffusor").
     """
 
     def __init__(self, bundle_dir: str | Path | None = None, weights: str | Path | None = None,
-                 overrides: dict | None = None, device: str = "cpu"):
+                 overrides: dict | None = None, device: str = "cpu", method: str | None = None):
         from monai.bundle import ConfigParser
 
-        self.bundle_dir = Path(bundle_dir) if bundle_dir is not None else REPO_BUNDLES / "diffusor"
+        self.bundle_dir = Path(bundle_dir) if bundle_dir is not None else REPO_BUNDLES / (method or "diffusor")
         cfg = self.bundle_dir / "configs" / "inference.json"
         if not cfg.exists():
             raise InputError(f"{self.bundle_dir}: not a bundle (no configs/inference.json)")
@@ -46,6 +52,9 @@ class DiffusorMapper:
         for k, v in (overrides or {}).items():
             parser[k] = v
         self.parser = parser
+        self.method = method or parser.get("method", "diffusor")
+        if self.method not in LEARNED_METHODS:
+            raise InputError(f"{self.bundle_dir}: unknown learned method {self.method!r}")
         self.device = torch.device(device)
         path = Path(weights) if weights is not None else Path(parser.get_parsed_content("ckpt_path"))
         if not path.exists():
@@ -54,19 +63,21 @@ class DiffusorMapper:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - anything unreadable is bad input here
             raise InputError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
-        # weights trained with the classical fit in the condition have 3 more input channels
-        w_in = state.get("conv_in.conv.weight") if isinstance(state, dict) else None
-        if w_in is not None and "fit_condition" not in (overrides or {}):
-            n_img = int(parser.get_parsed_content("n_images"))
-            parser["fit_condition"] = bool(w_in.shape[1] == 3 + n_img + 3)
+        self.fit_condition = False
+        if self.method == "diffusor":
+            # weights trained with the classical fit in the condition have 3 more input channels
+            w_in = state.get("conv_in.conv.weight") if isinstance(state, dict) else None
+            if w_in is not None and "fit_condition" not in (overrides or {}):
+                n_img = int(parser.get_parsed_content("n_images"))
+                parser["fit_condition"] = bool(w_in.shape[1] == 3 + n_img + 3)
+            self.fit_condition = bool(parser.get_parsed_content("fit_condition"))
         self.network = parser.get_parsed_content("network_def").to(self.device)
         try:
             self.network.load_state_dict(state)
         except Exception as e:  # noqa: BLE001 - anything unreadable is bad input here
             raise InputError(f"{path}: cannot load weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
         self.network.eval()
-        self.inferer = parser.get_parsed_content("inferer")
-        self.fit_condition = bool(parser.get_parsed_content("fit_condition"))
+        self.inferer = parser.get_parsed_content("inferer") if self.method == "diffusor" else None
         from .protocol import get_protocol
 
         self.protocol = get_protocol(parser.get_parsed_content("protocol"))
@@ -75,72 +86,162 @@ class DiffusorMapper:
         self._conditioner = SliceConditiond(self.fit_condition, self.protocol)  # the bundle's own preprocessing
 
     def check_protocol(self, series: IRSeries) -> None:
-        """A learned model maps only the protocol it was trained for (re-train for another one)."""
+        """A learned model maps only the protocol it was trained for (re-train for another one).
+
+        The RIM is physics-driven: it maps any protocol, with the series' own inversion times."""
         from .protocol import ProtocolError, check_same_inversion_times
 
+        if self.method == "rim":
+            self.network.protocol = series.protocol  # physics-driven: the series' own inversion times
+            return
         try:
             check_same_inversion_times(self.protocol, series.protocol)
         except ProtocolError as e:
             raise InputError(str(e)) from None
 
     @torch.no_grad()
-    def map_slice(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(N, H, W) magnitude images -> mean (3, H, W) and std (3, H, W) of (T1 s, PD, B)."""
+    def map_slice(self, images: np.ndarray, sigma: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, H, W) magnitude images -> (T1 s, PD, B) maps (3, H, W) and, for the Diffusor, their
+        ensemble std (3, H, W) (None for the deterministic methods). ``sigma``: the noise std of
+        the images (RIM's Rician likelihood; None: unknown)."""
         from .inferers import ensemble_statistics
-        from .scaling import signal_scale
+        from .scaling import decode_maps, signal_scale
 
         img = torch.as_tensor(np.asarray(images, dtype=np.float32))[None]  # one slice: (1, N, H, W)
         s = signal_scale(img)
-        cond = self._conditioner({"image": img, "scale": s})["cond"][0]
-        samples = self.inferer(cond[None].to(self.device), self.network)
-        mean, std = ensemble_statistics(samples.float().cpu(), s)
-        return mean[0].numpy(), std[0].numpy()
+        cond = self._conditioner({"image": img, "scale": s})["cond"][0][None].to(self.device)
+        if self.method == "diffusor":
+            samples = self.inferer(cond, self.network)
+            mean, std = ensemble_statistics(samples.float().cpu(), s)
+            return mean[0].numpy(), std[0].numpy()
+        if self.method == "rim":
+            sig = torch.tensor([float("nan") if sigma is None else float(sigma)]) / s
+            y = self.network(cond, sigma=sig.to(self.device))
+        else:
+            y = self.network(cond)
+        return decode_maps(y.float().cpu(), s)[0].numpy(), None
+
+    def info(self) -> dict:
+        if self.method == "diffusor":
+            inf = self.inferer
+            return {"n_samples": inf.n_samples, "sampler": inf.sampler,
+                    "network_evaluations_per_sample": inf.network_evaluations, "fit_condition": self.fit_condition,
+                    "seed": inf.seed}
+        if self.method == "rim":
+            return {"n_steps": self.network.n_steps, "likelihood": self.network.noise}
+        return {}
 
 
-def map_series_with_diffusor(series: IRSeries, mask: np.ndarray | None = None, bundle_dir=None, weights=None,
-                             samples: int | None = None, steps: int | None = None, sampler: str | None = None,
-                             device: str = "cpu", progress: bool = True, **_):
-    """Map every slice of a series with the Diffusor; returns a :class:`custom_components.mapping.MappingResult`."""
-    from .fitting import signal_mask
+DiffusorMapper = BundleMapper  # the name used before the baselines existed
+
+
+def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, method: str = "diffusor", bundle_dir=None,
+                           weights=None, samples: int | None = None, steps: int | None = None,
+                           sampler: str | None = None, device: str = "cpu", progress: bool = True, sigma=None, **_):
+    """Map every slice of a series with a trained bundle; returns a :class:`custom_components.mapping.MappingResult`.
+
+    For the RIM the noise level is ``sigma`` if given, else estimated from the series' background
+    (if there is none: unknown, and the RIM uses the Gaussian likelihood)."""
+    from .fitting import estimate_noise_sigma, signal_mask
     from .mapping import MappingResult
 
     overrides = {k: v for k, v in (("n_samples", samples), ("steps", steps), ("sampler", sampler)) if v is not None}
-    mapper = DiffusorMapper(bundle_dir, weights, overrides, device)
+    if method != "diffusor" and overrides:
+        raise InputError(f"--samples/--steps/--sampler apply to the diffusor only, not to {method}")
+    mapper = BundleMapper(bundle_dir, weights, overrides, device, method=method)
     mapper.check_protocol(series)
     data = series.data  # (X, Y, Z, N)
+    info = {"bundle": str(mapper.bundle_dir), **mapper.info()}
+    if method == "rim" and sigma is None:
+        try:
+            sigma = estimate_noise_sigma(data)
+            info["sigma_source"] = "estimated from signal-free background"
+        except ValueError:
+            info["sigma_source"] = "unknown (no background): Gaussian likelihood"
+    if sigma is not None and method == "rim":
+        info["sigma"] = float(sigma)
     if mask is None:
         mask = signal_mask(data)
     shape = data.shape[:3]
-    out = {k: np.zeros(shape, dtype=np.float32) for k in ("T1", "PD", "B", "T1_std", "PD_std", "B_std")}
+    keys = ("T1", "PD", "B") + (("T1_std", "PD_std", "B_std") if method == "diffusor" else ())
+    out = {k: np.zeros(shape, dtype=np.float32) for k in keys}
     zs = range(shape[2])
     if progress:
         from tqdm.auto import tqdm
-        zs = tqdm(zs, desc="diffusor", unit="slice")
+        zs = tqdm(zs, desc=method, unit="slice")
     for z in zs:
-        mean, std = mapper.map_slice(np.moveaxis(data[:, :, z, :], -1, 0))
+        mean, std = mapper.map_slice(np.moveaxis(data[:, :, z, :], -1, 0), sigma)
         for i, k in enumerate(("T1", "PD", "B")):
             out[k][:, :, z] = np.where(mask[:, :, z], mean[i], 0)
-            out[k + "_std"][:, :, z] = np.where(mask[:, :, z], std[i], 0)
-    inf = mapper.inferer
-    info = {"bundle": str(mapper.bundle_dir), "n_samples": inf.n_samples, "sampler": inf.sampler,
-            "network_evaluations_per_sample": inf.network_evaluations, "fit_condition": mapper.fit_condition,
-            "seed": inf.seed}
+            if std is not None:
+                out[k + "_std"][:, :, z] = np.where(mask[:, :, z], std[i], 0)
     return MappingResult(maps=out, mask=np.asarray(mask, bool), info=info)
 
 
+def map_series_with_diffusor(series: IRSeries, mask: np.ndarray | None = None, **kw):
+    return map_series_with_bundle(series, mask, method="diffusor", **kw)
 
 
 class VolumePrepareBatch:
-    """Inference batches of one series (batch size 1): inputs = its slices' conditions (Z, C, H, W)."""
+    """Inference batches of one series (batch size 1): inputs = its slices' conditions (Z, C, H, W);
+    ``kwargs_keys`` maps network keyword arguments to batch keys (the RIM's ``sigma`` (Z,) and
+    ``protocol`` (the series' protocol as JSON))."""
+
+    def __init__(self, kwargs_keys: dict | None = None):
+        self.kwargs_keys = dict(kwargs_keys or {})
 
     def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
-        return batchdata["cond"][0].to(device, non_blocking=non_blocking), None, (), {}
+        kw = {name: (v if isinstance(v, str) else torch.as_tensor(v).to(device))
+              for name, v in ((n, batchdata[key][0]) for n, key in self.kwargs_keys.items())}
+        return batchdata["cond"][0].to(device, non_blocking=non_blocking), None, (), kw
+
+
+class SliceBatchInferer:
+    """Runs a network over the slices of a volume (Z, C, H, W) in chunks of ``max_batch`` slices;
+    tensor keyword arguments with one value per slice (e.g. ``sigma``) are chunked alongside."""
+
+    def __init__(self, max_batch: int = 8):
+        self.max_batch = int(max_batch)
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
+        outs = []
+        n = inputs.shape[0]
+        for i in range(0, n, self.max_batch):
+            kw = {k: (v[i:i + self.max_batch] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n else v)
+                  for k, v in kwargs.items()}
+            outs.append(network(inputs[i:i + self.max_batch], *args, **kw))
+        return torch.cat(outs)
+
+
+class NoiseSigmad:
+    """Adds ``sigma`` (Z,): the series' noise std from its background
+    (:func:`custom_components.fitting.estimate_noise_sigma`) divided by each slice's signal scale;
+    NaN where there is no background (the RIM then uses the Gaussian likelihood)."""
+
+    def __init__(self, raw_key: str = "image", sigma: float | None = None):
+        self.raw_key = raw_key
+        self.sigma = sigma
+
+    def __call__(self, data):
+        from .fitting import estimate_noise_sigma
+
+        d = dict(data)
+        img = d[self.raw_key]  # (Z, N, X, Y), not yet divided by the scale
+        sigma = self.sigma
+        if sigma is None:
+            try:
+                sigma = estimate_noise_sigma(np.moveaxis(img.numpy(), 1, -1))
+            except ValueError:
+                sigma = float("nan")
+        d["sigma"] = torch.full((img.shape[0],), float(sigma)) / d["scale"].float()
+        return d
 
 
 class SaveMapsHandler:
-    """Evaluator handler: ensemble samples of a series -> T1/PD/B mean and std maps, written with
+    """Evaluator handler: the network output of a series -> T1/PD/B maps written with
     :func:`custom_components.io.save_maps` (the ``qmri map`` contract) into ``output_dir`` (a
-    sub-folder per input when there are several)."""
+    sub-folder per input when there are several). An ensemble (Z, S, 3, H, W) (the Diffusor) gives
+    the mean and ``_std`` maps; a single estimate (Z, 3, H, W) (ResNet, RIM) gives the maps alone."""
 
     def __init__(self, output_dir: str, method: str = "diffusor", overwrite: bool = False, per_input_folder: bool = False):
         self.output_dir = Path(output_dir)
@@ -159,27 +260,34 @@ class SaveMapsHandler:
         from .io import save_maps
         from .mapping import MappingResult, output_arrays, sidecars_for
         from .protocol import Protocol
+        from .scaling import decode_maps
 
-        batch, samples = engine.state.batch, engine.state.output["pred"]
-        mean, std = ensemble_statistics(samples.float().cpu(), batch["scale"][0].float().cpu())  # (Z, 3, H, W)
+        batch, pred = engine.state.batch, engine.state.output["pred"].float().cpu()
+        scale = batch["scale"][0].float().cpu()
+        if pred.ndim == 5:
+            mean, std = ensemble_statistics(pred, scale)  # (Z, 3, H, W)
+        else:
+            mean, std = decode_maps(pred, scale), None
         mask = batch["mask"][0].cpu().numpy().astype(bool)  # (Z, H, W)
         maps = {}
         for i, k in enumerate(("T1", "PD", "B")):
             maps[k] = np.transpose(np.where(mask, mean[:, i].numpy(), 0), (1, 2, 0))
-            maps[k + "_std"] = np.transpose(np.where(mask, std[:, i].numpy(), 0), (1, 2, 0))
+            if std is not None:
+                maps[k + "_std"] = np.transpose(np.where(mask, std[:, i].numpy(), 0), (1, 2, 0))
         source = batch["source"][0]
         prot = Protocol.from_dict(json.loads(batch["protocol_json"][0]))
         series = IRSeries(data=np.zeros(mask.shape[1:] + mask.shape[:1] + (prot.n_images,)),
                           affine=batch["affine"][0].cpu().numpy(), protocol=prot, source=source,
-                          notes=[batch["notes"][0]] if batch.get("notes") else [])
+                          notes=[n for n in str(batch.get("notes", [""])[0]).split("; ") if n])
         inf = engine.inferer
-        res = MappingResult(maps=maps, mask=np.transpose(mask, (1, 2, 0)),
-                            info={"n_samples": inf.n_samples, "sampler": inf.sampler,
-                                  "network_evaluations_per_sample": inf.network_evaluations, "seed": inf.seed})
+        info = {k: getattr(inf, a) for k, a in (("n_samples", "n_samples"), ("sampler", "sampler"),
+                                                ("network_evaluations_per_sample", "network_evaluations"),
+                                                ("seed", "seed")) if hasattr(inf, a)}
+        res = MappingResult(maps=maps, mask=np.transpose(mask, (1, 2, 0)), info=info)
         out = self.output_dir / Path(source).name.split(".")[0] if self.per_input_folder else self.output_dir
         save_maps(out, output_arrays(res), series.affine, sidecars_for(res, series, self.method), overwrite=self.overwrite)
         self.written.append(out)
 
 
-
-__all__ = ["DiffusorMapper", "map_series_with_diffusor", "VolumePrepareBatch", "SaveMapsHandler"]
+__all__ = ["BundleMapper", "DiffusorMapper", "LEARNED_METHODS", "map_series_with_bundle", "map_series_with_diffusor", "VolumePrepareBatch", "SliceBatchInferer", "NoiseSigmad",
+           "SaveMapsHandler"]

@@ -67,17 +67,25 @@ def _ls(series, mask, **kw):
     return _classical(series, mask, **kw)
 
 
-def _diffusor(series, mask, **kw):
-    from .learned import map_series_with_diffusor
+def _learned(method: str):
+    def run(series, mask, **kw):
+        from .learned import map_series_with_bundle
 
-    return map_series_with_diffusor(series, mask, **kw)
+        for k in ("noise", "n_coils"):
+            kw.pop(k, None)
+        return map_series_with_bundle(series, mask, method=method, **kw)
+
+    return run
 
 
-METHODS: dict[str, Callable[..., MappingResult]] = {"mle": _mle, "ls": _ls, "diffusor": _diffusor}
+METHODS: dict[str, Callable[..., MappingResult]] = {"mle": _mle, "ls": _ls, "diffusor": _learned("diffusor"),
+                                                   "resnet": _learned("resnet"), "rim": _learned("rim")}
 METHOD_DESCRIPTIONS = {
     "mle": "classical maximum-likelihood fit (Rician by default; noncentral chi with --noise ncchi --n_coils N)",
     "ls": "classical magnitude least-squares fit (polarity restoration x T1 grid + Gauss-Newton)",
     "diffusor": "qMRI Diffusor: conditional DDPM, mean and voxel-wise std over an ensemble of samples",
+    "resnet": "ResNet baseline: direct regression of the maps from the images",
+    "rim": "recurrent inference machine: learned iterative updates from the likelihood gradient of the signal model",
 }
 
 

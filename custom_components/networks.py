@@ -1,5 +1,7 @@
 """Network presets for the three bundles (the configs choose one by name).
 
+The RIM lives in :mod:`custom_components.rim` (it needs the signal model).
+
 The Diffusor's denoiser is MONAI's ``DiffusionModelUNet`` (time embedding, no attention, so it
 maps any matrix whose sides are multiples of 4) with the condition concatenated on the channel
 axis: in_channels = 3 (noisy maps) + N_TI (images) [+ 3 (classical-fit maps) when fit-conditioned].
@@ -7,7 +9,9 @@ axis: in_channels = 3 (noisy maps) + N_TI (images) [+ 3 (classical-fit maps) whe
 
 from __future__ import annotations
 
+import torch
 from monai.networks.nets import DiffusionModelUNet
+from torch import nn
 
 DIFFUSION_PRESETS = {
     # the paper: 3 levels, 128/256/256 channels (GPU)
@@ -40,8 +44,49 @@ def diffusion_unet(preset: str = "compact", n_images: int = 7, fit_condition: bo
     )
 
 
+RESNET_PRESETS = {
+    # the public ResNet baseline for relaxometry: 6 residual stages (the width is ours: 64 on GPUs)
+    "large": dict(channels=64, stages=6),
+    "compact": dict(channels=32, stages=6),
+    "tiny": dict(channels=8, stages=2),
+}
+
+
+class ResidualStage(nn.Module):
+    """x + BN(conv3x3(ReLU(BN(conv3x3(x)))))."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ResNetMapper(nn.Sequential):
+    """Direct regression (the paper's ResNet baseline): images / s (B, N, H, W) -> maps in tanh
+    space (B, 3, H, W); conv1x1 -> residual stages -> conv1x1. Fully convolutional (any matrix)."""
+
+    def __init__(self, n_images: int = 7, channels: int = 32, stages: int = 6, n_params: int = 3):
+        super().__init__(
+            nn.Conv2d(int(n_images), channels, 1),
+            *[ResidualStage(channels) for _ in range(int(stages))],
+            nn.Conv2d(channels, n_params, 1),
+        )
+
+
+def resnet_mapper(preset: str = "compact", n_images: int = 7) -> ResNetMapper:
+    if preset not in RESNET_PRESETS:
+        raise ValueError(f"unknown network preset {preset!r}; choose one of {sorted(RESNET_PRESETS)}")
+    return ResNetMapper(n_images=n_images, **RESNET_PRESETS[preset])
+
+
 def n_parameters(net) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-__all__ = ["DIFFUSION_PRESETS", "diffusion_unet", "condition_channels", "n_parameters"]
+__all__ = ["DIFFUSION_PRESETS", "diffusion_unet", "condition_channels", "n_parameters", "RESNET_PRESETS",
+           "ResidualStage", "ResNetMapper", "resnet_mapper"]

@@ -7,12 +7,14 @@ handlers without a circular reference). It
 - saves ``checkpoint_last.pt`` (network, EMA, optimizer and trainer state: epoch and iteration)
   at the end of every epoch, replacing the previous one (written to a temporary name first), and
 - if that file exists when training starts, loads it first, so an interrupted run resumes where
-  its last completed epoch ended.
+  its last completed epoch ended. The configured ``max_epochs`` wins over the checkpoint's (raise
+  it to train on); a checkpoint already at or past it trains nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -47,16 +49,70 @@ def attach_checkpointing(trainer, ckpt_dir: str, objects: dict, resume: bool = T
     if save:
         trainer.add_event_handler(Events.EPOCH_COMPLETED(every=int(interval_epochs)), _save)
     if resume and path.exists():
-        max_epochs = trainer.state.max_epochs  # the configured total, possibly raised since the checkpoint
+        max_epochs = trainer.state.max_epochs  # the configured total, possibly changed since the checkpoint
         state = torch.load(path, map_location="cpu", weights_only=True)
         for k, v in objects.items():
             if k in state:
                 v.load_state_dict(state[k])
-        if max_epochs is not None:
-            trainer.state.max_epochs = max(int(max_epochs), trainer.state.max_epochs or 0)
+        if max_epochs is not None:  # the configured total wins over the checkpoint's (raise or lower it)
+            trainer.state.max_epochs = int(max_epochs)
         LOGGER.info("resumed from %s at epoch %d, iteration %d", path, trainer.state.epoch, trainer.state.iteration)
+        if max_epochs is not None and trainer.state.epoch >= int(max_epochs):
+            # Ignite would start a finished run again from epoch 0: stop at once instead
+            done = trainer.state.epoch
+            trainer.state.max_epochs = done
+            LOGGER.info("the checkpoint has %d epochs, max_epochs is %d: nothing to train (raise --max_epochs to go on)",
+                        done, int(max_epochs))
+            trainer.add_event_handler(Events.STARTED, lambda engine: engine.terminate())
         return True
     return False
+
+
+def cosine_learning_rate(epoch_progress: float, learning_rate: float, final_learning_rate: float,
+                         decay_start_epoch: float, max_epochs: float) -> float:
+    """Learning rate at a (fractional) epoch: constant ``learning_rate`` until ``decay_start_epoch``,
+    then a half cosine down to ``final_learning_rate`` at ``max_epochs``."""
+    if epoch_progress <= decay_start_epoch or max_epochs <= decay_start_epoch:
+        return float(learning_rate)
+    f = min(1.0, (epoch_progress - decay_start_epoch) / (max_epochs - decay_start_epoch))
+    return float(final_learning_rate + 0.5 * (learning_rate - final_learning_rate) * (1.0 + math.cos(math.pi * f)))
+
+
+def attach_lr_decay(trainer, optimizer, learning_rate: float, final_learning_rate: float | None,
+                    decay_start_epoch: int | None) -> bool:
+    """Cosine learning-rate decay from ``decay_start_epoch`` to the trainer's ``max_epochs``.
+
+    The rate is a function of the trainer's iteration count alone (set before every iteration), so
+    it needs no state of its own and is right after a resume from ``checkpoint_last.pt``. Nothing
+    is attached (constant rate) when ``decay_start_epoch`` or ``final_learning_rate`` is None.
+    """
+    if decay_start_epoch is None or final_learning_rate is None:
+        return False
+
+    def _set(engine):
+        length = engine.state.epoch_length or 1
+        progress = (engine.state.iteration - 1) / length
+        lr = cosine_learning_rate(progress, learning_rate, final_learning_rate, float(decay_start_epoch),
+                                  float(engine.state.max_epochs))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+    trainer.add_event_handler(Events.ITERATION_STARTED, _set)
+    return True
+
+
+def attach_gradient_clipping(trainer, network, max_norm: float | None) -> bool:
+    """Clip the gradient norm of ``network`` to ``max_norm`` after every backward pass (MONAI's
+    ``BACKWARD_COMPLETED`` event, before the optimizer step); nothing when ``max_norm`` is None."""
+    if max_norm is None:
+        return False
+    from monai.engines.utils import IterationEvents
+
+    def _clip(engine):
+        torch.nn.utils.clip_grad_norm_(network.parameters(), float(max_norm))
+
+    trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, _clip)
+    return True
 
 
 def init_from_weights(path: str | None, *networks: torch.nn.Module) -> bool:
@@ -80,4 +136,4 @@ def load_weights(network: torch.nn.Module, path: str, key: str | None = None) ->
     return network
 
 
-__all__ = ["attach_checkpointing", "init_from_weights", "load_weights", "CHECKPOINT_NAME"]
+__all__ = ["attach_checkpointing", "attach_gradient_clipping", "attach_lr_decay", "cosine_learning_rate", "init_from_weights", "load_weights", "CHECKPOINT_NAME"]

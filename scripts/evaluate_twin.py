@@ -2,6 +2,7 @@
 
     python scripts/evaluate_twin.py --method diffusor --bundle bundles/diffusor [--weights W] \
         [--samples 10] [--steps 20] [--sampler dpm++2m] [--snr 50] [--seeds 1] [--out docs/x.md]
+    python scripts/evaluate_twin.py --method resnet|rim [--bundle bundles/<method>] [--weights W]
     python scripts/evaluate_twin.py --method mle
 
 The twin: T1 plate (version 2, 3 T reference), the paper's IR-FSE protocol (7 TIs, TR 10 s, ETL 64,
@@ -88,9 +89,12 @@ def main():
     kw = {}
     if a.method == "diffusor":
         kw = dict(bundle_dir=a.bundle, weights=a.weights, samples=a.samples, steps=a.steps, sampler=a.sampler)
+    elif a.method in ("resnet", "rim"):
+        kw = dict(bundle_dir=a.bundle, weights=a.weights)
     base, ref, _, _ = run("mle", a.seeds, a.snr)
     per_seed, ref, times, info = run(a.method, a.seeds, a.snr, **kw)
-    desc = ", ".join(f"{k} {v}" for k, v in info.items() if k in ("n_samples", "sampler", "network_evaluations_per_sample", "fit_condition"))
+    desc = ", ".join(f"{k} {v}" for k, v in info.items()
+                     if k in ("n_samples", "sampler", "network_evaluations_per_sample", "fit_condition", "n_steps", "likelihood"))
     title = (f"{a.method} on the digital NIST twin, paper protocol, SNR {a.snr:g}, echo-train blurring, {a.seeds} noise realisation(s)"
              + (f" ({desc}; weights {a.weights or 'models/model.pt'})" if desc else ""))
     text, worst = table(per_seed, ref, title, baseline=base if a.method != "mle" else None)

@@ -1,0 +1,208 @@
+"""The paper's learned baselines: the ResNet and the RIM (physics of the RIM, bundles end to end)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from custom_components.protocol import get_protocol
+from custom_components.rim import (RecurrentInferenceMachine, StepwiseMSELoss, initial_estimate, likelihood_gradient,
+                                   to_network_space)
+from custom_components.signal_model import jacobian, signal
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--network_preset", "tiny", "--n_train_slices", "2", "--n_val_slices", "1", "--crop_size", "32",
+        "--val_interval", "1", "--cache_workers", "0", "--torch_threads", "1", "--synthesis#matrix", "[64, 64]"]
+
+
+def _truth(n=2, h=6, w=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([0.05 + 3 * torch.rand(n, h, w, generator=g), 0.3 + torch.rand(n, h, w, generator=g),
+                        1.6 + 0.4 * torch.rand(n, h, w, generator=g)], dim=1).double()
+
+
+@pytest.mark.parametrize("protocol", ["paper", "nist15"])
+def test_rim_likelihood_gradient_equals_the_analytic_one(protocol):
+    """sigma^2 d log p / d theta by autograd = sum_n r_n dS_n/d theta with the analytic Jacobian:
+    r = y - S (Gaussian) and r = y I1(yS/sigma^2)/I0(yS/sigma^2) - S (Rician)."""
+    p = get_protocol(protocol)
+    truth = _truth()
+    g = torch.Generator().manual_seed(1)
+    y = (signal(truth, p, dim=1) + 0.03 * torch.randn(2, p.n_images, 6, 5, generator=g, dtype=torch.float64)).abs()
+    eta = initial_estimate(y) * torch.tensor([0.7, 0.9, 0.95], dtype=torch.float64).view(1, 3, 1, 1)
+    jac = jacobian(eta, p, dim=1)  # (B, N, H, W, 3)
+    s = signal(eta, p, dim=1)
+    analytic_g = ((y - s).unsqueeze(-1) * jac).sum(1).permute(0, 3, 1, 2)
+    np.testing.assert_allclose(likelihood_gradient(eta, y, p, None, "gaussian").numpy(), analytic_g.numpy(), rtol=1e-10, atol=1e-12)
+    sigma = torch.tensor([0.03, 0.08], dtype=torch.float64)
+    z = y * s / sigma.view(-1, 1, 1, 1) ** 2
+    r = y * torch.special.i1e(z) / torch.special.i0e(z) - s
+    analytic_r = (r.unsqueeze(-1) * jac).sum(1).permute(0, 3, 1, 2)
+    np.testing.assert_allclose(likelihood_gradient(eta, y, p, sigma, "rician").numpy(), analytic_r.numpy(), rtol=1e-8, atol=1e-10)
+    # an unknown noise level (NaN) falls back to the Gaussian likelihood for that item only
+    mixed = likelihood_gradient(eta, y, p, torch.tensor([0.03, float("nan")], dtype=torch.float64), "rician")
+    np.testing.assert_allclose(mixed[0].numpy(), analytic_r[0].numpy(), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(mixed[1].numpy(), analytic_g[1].numpy(), rtol=1e-10, atol=1e-12)
+    # at the truth without noise the gradient vanishes
+    clean = signal(truth, p, dim=1)
+    assert likelihood_gradient(truth, clean, p, None, "gaussian").abs().max() < 1e-10
+
+
+def test_rim_starts_at_the_documented_guess_and_works_for_any_protocol():
+    rim = RecurrentInferenceMachine("paper", "tiny", n_steps=3)
+    x = torch.rand(2, 7, 16, 12) + 0.1
+    out = rim(x, torch.tensor([0.02, 0.02]), all_steps=True)
+    assert out.shape == (2, 3, 3, 16, 12)
+    # untrained (zero output layer): every step stays at T1 = 1 s, PD = max signal, B = 2
+    start = to_network_space(initial_estimate(x))
+    np.testing.assert_allclose(out[:, -1].detach().numpy(), start.numpy(), atol=1e-6)
+    # the same weights run on another protocol: only the physics changes
+    p15 = get_protocol("nist15")
+    out15 = rim(torch.rand(1, p15.n_images, 8, 8) + 0.1, None, protocol=p15)
+    assert out15.shape == (1, 3, 8, 8)
+    with pytest.raises(ValueError, match="inversion times"):
+        rim(torch.rand(1, 5, 8, 8))
+    loss = StepwiseMSELoss()(out.detach(), start)
+    assert float(loss) == pytest.approx(0.0, abs=1e-10)
+
+
+def test_rim_learns_to_improve_its_estimate_over_the_steps():
+    """A small RIM trained for 150 Adam steps on synthetic voxels: its error falls from step to step
+    on held-out voxels, below the start, and with more steps (the recurrence is doing the work)."""
+    p = get_protocol("paper")
+    torch.manual_seed(0)
+
+    def batch(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        t1 = torch.exp(torch.empty(n, 8, 8).uniform_(np.log(0.3), np.log(2.5), generator=g))
+        truth = torch.stack([t1, 0.5 + 0.5 * torch.rand(n, 8, 8, generator=g), 1.8 + 0.2 * torch.rand(n, 8, 8, generator=g)], 1)
+        y = (signal(truth, p, dim=1) + 0.02 * torch.randn(n, 7, 8, 8, generator=g)).abs()
+        return y.float(), to_network_space(truth).float()
+
+    rim = RecurrentInferenceMachine(p, "tiny", n_steps=5, noise="gaussian")
+    opt = torch.optim.Adam(rim.parameters(), lr=3e-3)
+    loss_fn = StepwiseMSELoss()
+    for it in range(150):
+        y, lab = batch(8, it)
+        opt.zero_grad()
+        loss_fn(rim(y, all_steps=True), lab).backward()
+        opt.step()
+    y, lab = batch(16, 10_000)
+    with torch.no_grad():
+        steps = rim(y, all_steps=True)
+    err = [float(((steps[:, k] - lab) ** 2).mean()) for k in range(steps.shape[1])]
+    err0 = float(((to_network_space(initial_estimate(y)) - lab) ** 2).mean())
+    assert err[-1] < 0.5 * err0, (err0, err)
+    assert err[-1] < err[0]
+
+
+def _run(args, timeout=600):
+    r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], capture_output=True, text=True, cwd=REPO,
+                       timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module", params=["resnet", "rim"])
+def trained(request, tmp_path_factory):
+    """A tiny ResNet / RIM trained for 2 epochs through `monai.bundle run training` (MLflow on)."""
+    method = request.param
+    root = tmp_path_factory.mktemp(method)
+    shutil.copytree(REPO / "bundles" / method / "configs", root / "configs")
+    log = _run(["training", "--config_file", str(root / "configs" / "train.json"), "--bundle_root", str(root),
+                "--max_epochs", "2", "--tracking", "mlflow", *TINY])
+    assert "val_t1_mape" in log and (root / "models" / "model.pt").exists()
+    state = torch.load(root / "models" / "checkpoint_last.pt", weights_only=True)
+    assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"]
+    if method == "resnet":  # a finished run is not started again from epoch 0
+        log = _run(["training", "--config_file", str(root / "configs" / "train.json"), "--bundle_root", str(root),
+                    "--max_epochs", "1", *TINY])
+        assert "nothing to train" in log and "Epoch: 1/" not in log
+        assert torch.load(root / "models" / "checkpoint_last.pt", weights_only=True)["trainer"]["iteration"] == \
+            state["trainer"]["iteration"]
+    return method, root
+
+
+def _twin_file(path, protocol="paper", matrix=40):
+    from custom_components.io import save_series
+    from custom_components.synthesis import Effects, nist_twin
+
+    tw = nist_twin(protocol, snr=50, effects=Effects(echo_train=False), matrix=(matrix, matrix))
+    save_series(path, tw["image"].transpose(1, 2, 0)[:, :, None, :], np.eye(4), get_protocol(protocol))
+    return path
+
+
+def test_baseline_bundle_infers_through_monai_bundle_and_qmri_map(trained, tmp_path, capsys):
+    method, root = trained
+    twin = _twin_file(tmp_path / "twin.nii.gz")
+    _run(["--config_file", str(root / "configs" / "inference.json"), "--bundle_root", str(root), "--network_preset", "tiny",
+          "--input_path", str(twin), "--output_dir", str(tmp_path / "maps")])
+    for stem in ("T1map", "PDmap", "InvEffmap"):
+        img = nib.load(tmp_path / "maps" / f"{stem}.nii.gz")
+        assert img.shape == (40, 40, 1) and np.isfinite(img.get_fdata()).all()
+        assert json.loads((tmp_path / "maps" / f"{stem}.json").read_text())["Method"] == method
+    assert not (tmp_path / "maps" / "T1map_std.nii.gz").exists()  # deterministic: no uncertainty map
+
+    from custom_components.cli import main
+    inf = json.loads((root / "configs" / "inference.json").read_text())
+    inf["network_preset"] = "tiny"
+    (root / "configs" / "inference.json").write_text(json.dumps(inf))
+    assert main(["map", str(twin), "--out", str(tmp_path / "m"), "--method", method, "--bundle", str(root), "--quiet"]) == 0
+    side = json.loads((tmp_path / "m" / "T1map.json").read_text())
+    assert side["Method"] == method and (tmp_path / "m" / "InvEffmap.nii.gz").exists()
+    # the bundle path and the command line give the same maps
+    np.testing.assert_allclose(nib.load(tmp_path / "m" / "T1map.nii.gz").get_fdata(),
+                               nib.load(tmp_path / "maps" / "T1map.nii.gz").get_fdata(), rtol=1e-4, atol=1e-5)
+    n15 = _twin_file(tmp_path / "n15.nii.gz", "nist15")
+    capsys.readouterr()
+    code = main(["map", str(n15), "--out", str(tmp_path / "m15"), "--method", method, "--bundle", str(root), "--quiet"])
+    if method == "rim":  # physics-driven: any protocol
+        assert code == 0 and json.loads((tmp_path / "m15" / "T1map.json").read_text())["Protocol"]["InversionTime"][0] == \
+            get_protocol("nist15").tis[0]
+    else:  # a learned regression maps only its own protocol
+        assert code == 2 and "train a model for this protocol" in capsys.readouterr().err and not (tmp_path / "m15").exists()
+
+
+def test_baseline_check_properties(trained):
+    from monai.bundle import ConfigWorkflow
+
+    method, root = trained
+    configs = REPO / "bundles" / method / "configs"
+    for cfg, kind in (("train.json", "train"), ("inference.json", "infer")):
+        wf = ConfigWorkflow(config_file=str(configs / cfg), workflow_type=kind, meta_file=str(configs / "metadata.json"),
+                            logging_file=str(configs / "logging.conf"), bundle_root=str(root),
+                            **({"network_preset": "tiny", "n_train_slices": 2, "n_val_slices": 1, "cache_workers": 0} if kind == "train" else {}))
+        wf.initialize()
+        assert wf.check_properties() in (None, [])
+
+
+def test_resnet_exports_to_torchscript(tmp_path):
+    """`monai.bundle ckpt_export` writes a TorchScript ResNet that gives the eager network's output."""
+    from custom_components.networks import resnet_mapper
+
+    net = resnet_mapper("tiny").eval()
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    configs = REPO / "bundles" / "resnet" / "configs"
+    r = subprocess.run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(tmp_path / "model.ts"),
+                        "--ckpt_file", str(tmp_path / "model.pt"), "--meta_file", str(configs / "metadata.json"),
+                        "--config_file", str(configs / "inference.json"), "--network_preset", "tiny"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ts = torch.jit.load(str(tmp_path / "model.ts"))
+    x = torch.rand(1, 7, 24, 20)
+    np.testing.assert_allclose(ts(x).detach().numpy(), net(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_cosine_learning_rate():
+    from custom_components.training import cosine_learning_rate
+
+    assert cosine_learning_rate(5, 1e-3, 1e-5, 10, 20) == 1e-3
+    assert cosine_learning_rate(15, 1e-3, 1e-5, 10, 20) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert cosine_learning_rate(20, 1e-3, 1e-5, 10, 20) == pytest.approx(1e-5)
