@@ -83,6 +83,7 @@ def main():
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--sampler", default=None)
     ap.add_argument("--snr", type=float, default=50.0)
+    ap.add_argument("--protocol", default="paper", help="protocol preset of the twin (a learned model other than the RIM maps only its own)")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -91,11 +92,11 @@ def main():
         kw = dict(bundle_dir=a.bundle, weights=a.weights, samples=a.samples, steps=a.steps, sampler=a.sampler)
     elif a.method in ("resnet", "rim"):
         kw = dict(bundle_dir=a.bundle, weights=a.weights)
-    base, ref, _, _ = run("mle", a.seeds, a.snr)
-    per_seed, ref, times, info = run(a.method, a.seeds, a.snr, **kw)
+    base, ref, _, _ = run("mle", a.seeds, a.snr, a.protocol)
+    per_seed, ref, times, info = run(a.method, a.seeds, a.snr, a.protocol, **kw)
     desc = ", ".join(f"{k} {v}" for k, v in info.items()
                      if k in ("n_samples", "sampler", "network_evaluations_per_sample", "fit_condition", "n_steps", "likelihood"))
-    title = (f"{a.method} on the digital NIST twin, paper protocol, SNR {a.snr:g}, echo-train blurring, {a.seeds} noise realisation(s)"
+    title = (f"{a.method} on the digital NIST twin, {a.protocol} protocol, SNR {a.snr:g}, echo-train blurring, {a.seeds} noise realisation(s)"
              + (f" ({desc}; weights {a.weights or 'models/model.pt'})" if desc else ""))
     text, worst = table(per_seed, ref, title, baseline=base if a.method != "mle" else None)
     cmd = "python scripts/evaluate_twin.py " + " ".join(

@@ -206,3 +206,19 @@ def test_cosine_learning_rate():
     assert cosine_learning_rate(5, 1e-3, 1e-5, 10, 20) == 1e-3
     assert cosine_learning_rate(15, 1e-3, 1e-5, 10, 20) == pytest.approx((1e-3 + 1e-5) / 2)
     assert cosine_learning_rate(20, 1e-3, 1e-5, 10, 20) == pytest.approx(1e-5)
+
+
+def test_validation_curve_script_reads_training_logs(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import validation_curve
+    finally:
+        sys.path.pop(0)
+    log = tmp_path / "a.log"
+    log.write_text("2026-11-25 13:03:01,198 - INFO - Epoch[5] Metrics -- val_pd_mape: 8.7877 val_t1_mape: 33.6359 \n"
+                   "2026-11-25 13:03:02,000 - INFO - Epoch: 6/60, Iter: 1/64 -- train_loss: 0.02 \n"
+                   "2026-11-25 13:07:48,148 - INFO - Epoch[10] Metrics -- val_pd_mape: 7.6255 val_t1_mape: 26.6790 \n")
+    assert validation_curve.read_curve(log, "val_t1_mape") == {5: 33.6359, 10: 26.679}
+    assert validation_curve.main([str(log), "--labels", "resnet"]) == 0
+    assert "| resnet: val_t1_mape | 33.6 | 26.7 |" in capsys.readouterr().out
+    assert validation_curve.main([str(log), "--metric", "nope"]) == 2
