@@ -52,7 +52,10 @@ class BundleMapper:
         for k, v in (overrides or {}).items():
             parser[k] = v
         self.parser = parser
-        self.method = method or parser.get("method", "diffusor")
+        bundle_method = parser.get("method", "diffusor")
+        if method is not None and method != bundle_method:
+            raise InputError(f"{self.bundle_dir} is a {bundle_method} bundle, not a {method} one")
+        self.method = bundle_method
         if self.method not in LEARNED_METHODS:
             raise InputError(f"{self.bundle_dir}: unknown learned method {self.method!r}")
         self.device = torch.device(device)

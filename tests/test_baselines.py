@@ -160,6 +160,11 @@ def test_baseline_bundle_infers_through_monai_bundle_and_qmri_map(trained, tmp_p
     # the bundle path and the command line give the same maps
     np.testing.assert_allclose(nib.load(tmp_path / "m" / "T1map.nii.gz").get_fdata(),
                                nib.load(tmp_path / "maps" / "T1map.nii.gz").get_fdata(), rtol=1e-4, atol=1e-5)
+    # a bundle of another kind is refused with one line
+    other = "rim" if method == "resnet" else "resnet"
+    capsys.readouterr()
+    assert main(["map", str(twin), "--out", str(tmp_path / "mx"), "--method", other, "--bundle", str(root), "--quiet"]) == 2
+    assert f"is a {method} bundle" in capsys.readouterr().err and not (tmp_path / "mx").exists()
     n15 = _twin_file(tmp_path / "n15.nii.gz", "nist15")
     capsys.readouterr()
     code = main(["map", str(n15), "--out", str(tmp_path / "m15"), "--method", method, "--bundle", str(root), "--quiet"])
