@@ -12,7 +12,6 @@ likelihood gradient of the series' own protocol. ``qmri map --method diffusor|re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,30 @@ REPO_BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 
 
 LEARNED_METHODS = ("diffusor", "resnet", "rim")
+
+
+def decode_prediction(pred: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Network-space output -> physical (T1 s, PD, B) maps: an ensemble (B, S, 3, H, W) (the
+    Diffusor) gives its mean and voxel-wise std, a single estimate (B, 3, H, W) (ResNet, RIM) gives
+    the maps and None."""
+    from .inferers import ensemble_statistics
+    from .scaling import decode_maps
+
+    pred = pred.float().cpu()
+    if pred.ndim == 5:
+        return ensemble_statistics(pred, scale)
+    return decode_maps(pred, scale), None
+
+
+def background_sigma(data: np.ndarray) -> float | None:
+    """The noise std of magnitude data (..., N) from its signal-free background
+    (:func:`custom_components.fitting.estimate_noise_sigma`), or None where there is no background."""
+    from .fitting import estimate_noise_sigma
+
+    try:
+        return estimate_noise_sigma(data)
+    except ValueError:
+        return None
 
 
 class BundleMapper:
@@ -107,22 +130,20 @@ class BundleMapper:
         """(N, H, W) magnitude images -> (T1 s, PD, B) maps (3, H, W) and, for the Diffusor, their
         ensemble std (3, H, W) (None for the deterministic methods). ``sigma``: the noise std of
         the images (RIM's Rician likelihood; None: unknown)."""
-        from .inferers import ensemble_statistics
-        from .scaling import decode_maps, signal_scale
+        from .scaling import signal_scale
 
         img = torch.as_tensor(np.asarray(images, dtype=np.float32))[None]  # one slice: (1, N, H, W)
         s = signal_scale(img)
         cond = self._conditioner({"image": img, "scale": s})["cond"][0][None].to(self.device)
         if self.method == "diffusor":
-            samples = self.inferer(cond, self.network)
-            mean, std = ensemble_statistics(samples.float().cpu(), s)
-            return mean[0].numpy(), std[0].numpy()
-        if self.method == "rim":
+            pred = self.inferer(cond, self.network)
+        elif self.method == "rim":
             sig = torch.tensor([float("nan") if sigma is None else float(sigma)]) / s
-            y = self.network(cond, sigma=sig.to(self.device))
+            pred = self.network(cond, sigma=sig.to(self.device))
         else:
-            y = self.network(cond)
-        return decode_maps(y.float().cpu(), s)[0].numpy(), None
+            pred = self.network(cond)
+        mean, std = decode_prediction(pred, s)
+        return mean[0].numpy(), (None if std is None else std[0].numpy())
 
     def info(self) -> dict:
         if self.method == "diffusor":
@@ -145,7 +166,7 @@ def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, met
 
     For the RIM the noise level is ``sigma`` if given, else estimated from the series' background
     (if there is none: unknown, and the RIM uses the Gaussian likelihood)."""
-    from .fitting import estimate_noise_sigma, signal_mask
+    from .fitting import signal_mask
     from .mapping import MappingResult
 
     overrides = {k: v for k, v in (("n_samples", samples), ("steps", steps), ("sampler", sampler)) if v is not None}
@@ -156,11 +177,9 @@ def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, met
     data = series.data  # (X, Y, Z, N)
     info = {"bundle": str(mapper.bundle_dir), **mapper.info()}
     if method == "rim" and sigma is None:
-        try:
-            sigma = estimate_noise_sigma(data)
-            info["sigma_source"] = "estimated from signal-free background"
-        except ValueError:
-            info["sigma_source"] = "unknown (no background): Gaussian likelihood"
+        sigma = background_sigma(data)
+        info["sigma_source"] = ("estimated from signal-free background" if sigma is not None
+                                else "unknown (no background): Gaussian likelihood")
     if sigma is not None and method == "rim":
         info["sigma"] = float(sigma)
     if mask is None:
@@ -226,17 +245,10 @@ class NoiseSigmad:
         self.sigma = sigma
 
     def __call__(self, data):
-        from .fitting import estimate_noise_sigma
-
         d = dict(data)
         img = d[self.raw_key]  # (Z, N, X, Y), not yet divided by the scale
-        sigma = self.sigma
-        if sigma is None:
-            try:
-                sigma = estimate_noise_sigma(np.moveaxis(img.numpy(), 1, -1))
-            except ValueError:
-                sigma = float("nan")
-        d["sigma"] = torch.full((img.shape[0],), float(sigma)) / d["scale"].float()
+        sigma = self.sigma if self.sigma is not None else background_sigma(np.moveaxis(img.numpy(), 1, -1))
+        d["sigma"] = torch.full((img.shape[0],), float("nan") if sigma is None else float(sigma)) / d["scale"].float()
         return d
 
 
@@ -259,18 +271,12 @@ class SaveMapsHandler:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine) -> None:
-        from .inferers import ensemble_statistics
         from .io import save_maps
         from .mapping import MappingResult, output_arrays, sidecars_for
-        from .protocol import Protocol
-        from .scaling import decode_maps
+        from .protocol import get_protocol
 
-        batch, pred = engine.state.batch, engine.state.output["pred"].float().cpu()
-        scale = batch["scale"][0].float().cpu()
-        if pred.ndim == 5:
-            mean, std = ensemble_statistics(pred, scale)  # (Z, 3, H, W)
-        else:
-            mean, std = decode_maps(pred, scale), None
+        batch = engine.state.batch
+        mean, std = decode_prediction(engine.state.output["pred"], batch["scale"][0].float().cpu())  # (Z, 3, H, W)
         mask = batch["mask"][0].cpu().numpy().astype(bool)  # (Z, H, W)
         maps = {}
         for i, k in enumerate(("T1", "PD", "B")):
@@ -278,7 +284,7 @@ class SaveMapsHandler:
             if std is not None:
                 maps[k + "_std"] = np.transpose(np.where(mask, std[:, i].numpy(), 0), (1, 2, 0))
         source = batch["source"][0]
-        prot = Protocol.from_dict(json.loads(batch["protocol_json"][0]))
+        prot = get_protocol(batch["protocol_json"][0])
         series = IRSeries(data=np.zeros(mask.shape[1:] + mask.shape[:1] + (prot.n_images,)),
                           affine=batch["affine"][0].cpu().numpy(), protocol=prot, source=source,
                           notes=[n for n in str(batch.get("notes", [""])[0]).split("; ") if n])
@@ -292,5 +298,5 @@ class SaveMapsHandler:
         self.written.append(out)
 
 
-__all__ = ["BundleMapper", "DiffusorMapper", "LEARNED_METHODS", "map_series_with_bundle", "map_series_with_diffusor", "VolumePrepareBatch", "SliceBatchInferer", "NoiseSigmad",
+__all__ = ["BundleMapper", "decode_prediction", "background_sigma", "DiffusorMapper", "LEARNED_METHODS", "map_series_with_bundle", "map_series_with_diffusor", "VolumePrepareBatch", "SliceBatchInferer", "NoiseSigmad",
            "SaveMapsHandler"]

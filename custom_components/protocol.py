@@ -188,7 +188,8 @@ PRESETS = {"paper": paper_protocol, "nist15": nist_15t_protocol,
 
 
 def get_protocol(spec: "str | Path | dict | Protocol | None") -> Protocol:
-    """A protocol from a preset name ("paper", "nist15"), a JSON file, a dict or a Protocol."""
+    """A protocol from a preset name ("paper", "nist15"), a JSON file, a dict, its JSON text
+    (``json.dumps(protocol.to_dict())``, the form that survives data-loader collation) or a Protocol."""
     if spec is None:
         return paper_protocol()
     if isinstance(spec, Protocol):
@@ -196,6 +197,8 @@ def get_protocol(spec: "str | Path | dict | Protocol | None") -> Protocol:
     if isinstance(spec, dict):
         return Protocol.from_dict(spec)
     s = str(spec)
+    if s.lstrip().startswith("{"):
+        return Protocol.from_dict(json.loads(s))
     if s in PRESETS:
         return PRESETS[s]()
     p = Path(s)

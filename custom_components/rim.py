@@ -43,17 +43,6 @@ T1_MIN_S = 5e-3  # the physics is evaluated at T1 >= 5 ms (an estimate may step 
 LIKELIHOODS = ("gaussian", "rician")
 
 
-def _as_protocol(protocol) -> Protocol:
-    if isinstance(protocol, Protocol):
-        return protocol
-    text = str(protocol)
-    if text.lstrip().startswith("{"):
-        import json
-
-        return Protocol.from_dict(json.loads(text))
-    return get_protocol(text)
-
-
 def initial_estimate(images: torch.Tensor) -> torch.Tensor:
     """Start of the iterations for images (B, N, H, W): T1 = 1 s, PD = max over TIs, B = 2."""
     pd = images.amax(dim=1, keepdim=True)
@@ -65,17 +54,9 @@ def _physical(eta: torch.Tensor) -> torch.Tensor:
     return torch.cat([eta[:, :1].clamp_min(T1_MIN_S), eta[:, 1:]], dim=1)
 
 
-def log_likelihood(params: torch.Tensor, images: torch.Tensor, protocol: Protocol, sigma: torch.Tensor | None = None,
-                   noise: str = "rician") -> torch.Tensor:
-    """log p(images | params) per item, up to terms that do not depend on the parameters.
-
-    Args:
-        params: (B, 3, H, W) = T1 [s], PD, B.
-        images: (B, N, H, W) magnitude images (the same units as PD).
-        sigma: (B,) noise std per real channel (same units); needed for "rician".
-        noise: "gaussian" or "rician".
-    """
-    model = signal(params, protocol, dim=1)
+def _log_likelihood_of_model(model: torch.Tensor, images: torch.Tensor, sigma: torch.Tensor | None,
+                             noise: str) -> torch.Tensor:
+    """log p(images | model signal) per item (see :func:`log_likelihood`)."""
     if noise == "gaussian" or sigma is None:
         s2 = 1.0 if sigma is None else sigma.reshape(-1, 1, 1, 1) ** 2
         return (-0.5 * (images - model) ** 2 / s2).flatten(1).sum(1)
@@ -88,6 +69,19 @@ def log_likelihood(params: torch.Tensor, images: torch.Tensor, protocol: Protoco
     return ll.flatten(1).sum(1)
 
 
+def log_likelihood(params: torch.Tensor, images: torch.Tensor, protocol: Protocol, sigma: torch.Tensor | None = None,
+                   noise: str = "rician") -> torch.Tensor:
+    """log p(images | params) per item, up to terms that do not depend on the parameters.
+
+    Args:
+        params: (B, 3, H, W) = T1 [s], PD, B.
+        images: (B, N, H, W) magnitude images (the same units as PD).
+        sigma: (B,) noise std per real channel (same units); needed for "rician".
+        noise: "gaussian" or "rician".
+    """
+    return _log_likelihood_of_model(signal(params, protocol, dim=1), images, sigma, noise)
+
+
 def likelihood_gradient(eta: torch.Tensor, images: torch.Tensor, protocol: Protocol, sigma: torch.Tensor | None = None,
                         noise: str = "rician") -> torch.Tensor:
     """sigma^2 * d log p / d(T1, PD, B) per voxel (B, 3, H, W), by autograd through the signal model.
@@ -97,16 +91,17 @@ def likelihood_gradient(eta: torch.Tensor, images: torch.Tensor, protocol: Proto
     """
     with torch.enable_grad():
         p = _physical(eta.detach()).requires_grad_(True)
+        model = signal(p, protocol, dim=1)  # the signal model once, for both likelihoods
+        ll_g = _log_likelihood_of_model(model, images, None, "gaussian")
         if noise == "rician" and sigma is not None:
             sig = torch.as_tensor(sigma, dtype=images.dtype, device=images.device).reshape(-1)
             known = torch.isfinite(sig) & (sig > 0)
             sig_r = torch.where(known, sig, torch.ones_like(sig))
-            ll_r = log_likelihood(p, images, protocol, sig_r, "rician")
-            ll_g = log_likelihood(p, images, protocol, None, "gaussian")
+            ll_r = _log_likelihood_of_model(model, images, sig_r, "rician")
             # scale each item's log-likelihood by its sigma^2 so the gradient is sigma^2 * grad
             ll = torch.where(known, ll_r * sig_r**2, ll_g).sum()
         else:
-            ll = log_likelihood(p, images, protocol, None, "gaussian").sum()
+            ll = ll_g.sum()
         (grad,) = torch.autograd.grad(ll, p)
     return grad.detach()
 
@@ -182,14 +177,14 @@ class RecurrentInferenceMachine(nn.Module):
             raise ValueError(f"noise must be one of {LIKELIHOODS}, got {noise!r}")
         if int(n_steps) < 1:
             raise ValueError("n_steps must be >= 1")
-        self.protocol = _as_protocol(protocol)
+        self.protocol = get_protocol(protocol)
         self.n_steps = int(n_steps)
         self.noise = noise
         self.cell = RIMCell(3, RIM_PRESETS[preset]["hidden"])
 
     def estimates(self, images: torch.Tensor, sigma: torch.Tensor | None = None, protocol=None) -> list[torch.Tensor]:
         """Physical estimates eta_1 .. eta_T (each (B, 3, H, W): T1 s, PD/s, B)."""
-        protocol = self.protocol if protocol is None else _as_protocol(protocol)
+        protocol = self.protocol if protocol is None else get_protocol(protocol)
         if protocol.n_images != images.shape[1]:
             raise ValueError(f"the images have {images.shape[1]} inversion times, the protocol {protocol.n_images}")
         images = images.float()
