@@ -226,11 +226,16 @@ class EnsembleDDPMInferer(Inferer):
         max_batch: largest number of samples per network call (memory); None: all at once.
         seed: seed of the initial noise (reproducible maps); None: global RNG.
         autocast_dtype: e.g. torch.bfloat16 to run the network under autocast (CPU/GPU).
+        residual: the network was trained on the residual maps - fit (``fit_residual``): the last 3
+            condition channels (the classical fit, network space) are added to every sample, and the
+            residual's x0 estimates are clipped to twice ``clip`` (the range of a difference of two
+            maps in [-1, 1]); the sum is clipped to [-clip, clip].
     """
 
     def __init__(self, scheduler: DDPMScheduler, n_samples: int = 10, sampler: str = "dpm++2m", steps: int = 20,
                  eta: float = 0.0, clip: float | None = 1.0, max_batch: int | None = None, seed: int | None = 0,
-                 autocast_dtype: torch.dtype | str | None = None, progress: bool = False, pad_multiple: int = 4):
+                 autocast_dtype: torch.dtype | str | None = None, progress: bool = False, pad_multiple: int = 4,
+                 residual: bool = False):
         super().__init__()
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -245,6 +250,7 @@ class EnsembleDDPMInferer(Inferer):
         self.autocast_dtype = getattr(torch, autocast_dtype) if isinstance(autocast_dtype, str) else autocast_dtype
         self.progress = progress
         self.pad_multiple = pad_multiple
+        self.residual = bool(residual)
 
     @property
     def network_evaluations(self) -> int:
@@ -275,16 +281,21 @@ class EnsembleDDPMInferer(Inferer):
         x_T = torch.randn(shape, generator=gen, device=cond.device, dtype=cond.dtype)
         out = []
         chunk = self.max_batch or b * s
+        clip = None if self.clip is None else (2 * self.clip if self.residual else self.clip)
         for i in range(0, b * s, chunk):
             fn = self._model_fn(network, cond_rep[i:i + chunk])
             if self.sampler == "ddpm":
-                x0 = ddpm_sample(fn, x_T[i:i + chunk], self.scheduler, clip=self.clip, generator=gen, progress=self.progress)
+                x0 = ddpm_sample(fn, x_T[i:i + chunk], self.scheduler, clip=clip, generator=gen, progress=self.progress)
             elif self.sampler == "dpm++2m":
                 x0 = dpmpp2m_sample(fn, x_T[i:i + chunk], self.scheduler.alphas_cumprod, self.steps,
-                                    self.scheduler.prediction_type, clip=self.clip, progress=self.progress)
+                                    self.scheduler.prediction_type, clip=clip, progress=self.progress)
             else:
                 x0 = ddim_sample(fn, x_T[i:i + chunk], self.scheduler.alphas_cumprod, self.steps,
-                                 self.scheduler.prediction_type, eta=self.eta, clip=self.clip, generator=gen, progress=self.progress)
+                                 self.scheduler.prediction_type, eta=self.eta, clip=clip, generator=gen, progress=self.progress)
+            if self.residual:
+                x0 = x0 + cond_rep[i:i + chunk, -3:]
+                if self.clip is not None:
+                    x0 = x0.clamp(-self.clip, self.clip)
             out.append(x0)
         x0 = torch.cat(out)[..., :h, :w]
         return x0.reshape(b, s, 3, h, w)
@@ -320,16 +331,19 @@ class ConditionalDiffusionInferer(DiffusionInferer):
 class ConditionalDiffusionPrepareBatch(DiffusionPrepareBatch):
     """Training batches for the conditional DDPM: x0 = batch["label"] (maps in network space),
     condition = batch[condition_name] (images, optionally with fit maps), target by prediction type.
+    With ``residual`` the diffused x0 is the label minus the classical fit (the last 3 condition
+    channels, network space): the network learns the correction to the fit (``fit_residual``).
 
     (MONAI 1.6 has no conditional prepare-batch that passes mode="concat"; this adds it and the
     v/x0 targets.)
     """
 
     def __init__(self, num_train_timesteps: int, scheduler: DDPMScheduler, condition_name: str = "cond",
-                 x0_name: str = "label"):
+                 x0_name: str = "label", residual: bool = False):
         super().__init__(num_train_timesteps=num_train_timesteps, condition_name=condition_name)
         self.scheduler = scheduler
         self.x0_name = x0_name
+        self.residual = bool(residual)
 
     def get_target(self, images, noise, timesteps):
         abar = self.scheduler.alphas_cumprod.to(images.device)[timesteps].to(images.dtype).view(-1, 1, 1, 1)
@@ -337,10 +351,12 @@ class ConditionalDiffusionPrepareBatch(DiffusionPrepareBatch):
 
     def __call__(self, batchdata: Mapping, device=None, non_blocking: bool = False, **kwargs):
         x0 = batchdata[self.x0_name].to(device, non_blocking=non_blocking)
+        cond = batchdata[self.condition_name].to(device, non_blocking=non_blocking)
+        if self.residual:
+            x0 = x0 - cond[:, -3:]
         noise = self.get_noise(x0)
         timesteps = self.get_timesteps(x0)
         target = self.get_target(x0, noise, timesteps)
-        cond = batchdata[self.condition_name].to(device, non_blocking=non_blocking)
         return x0, target, (), {"noise": noise, "timesteps": timesteps, "condition": cond, "mode": "concat"}
 
 

@@ -27,8 +27,13 @@ def condition_channels(n_images: int, fit_condition: bool = False) -> int:
     return int(n_images) + (3 if fit_condition else 0)
 
 
-def diffusion_unet(preset: str = "compact", n_images: int = 7, fit_condition: bool = False, n_params: int = 3) -> DiffusionModelUNet:
-    """The conditional denoiser: input = noisy maps (3) + condition, output = 3 channels."""
+def diffusion_unet(preset: str = "compact", n_images: int = 7, fit_condition: bool = False, n_params: int = 3,
+                   fit_residual: bool = False) -> DiffusionModelUNet:
+    """The conditional denoiser: input = noisy maps (3) + condition, output = 3 channels.
+
+    ``fit_residual`` (the network diffuses maps - classical fit) needs the fit in the condition."""
+    if fit_residual and not fit_condition:
+        raise ValueError("fit_residual needs fit_condition: the residual is taken from the classical fit in the condition")
     if preset not in DIFFUSION_PRESETS:
         raise ValueError(f"unknown network preset {preset!r}; choose one of {sorted(DIFFUSION_PRESETS)}")
     p = DIFFUSION_PRESETS[preset]

@@ -105,6 +105,36 @@ def test_ensemble_inferer_shapes_padding_and_statistics():
     assert EnsembleDDPMInferer(sch, sampler="ddpm").network_evaluations == 1000
 
 
+def test_fit_residual_training_target_and_sampling():
+    """fit_residual: training diffuses label - fit (the last 3 condition channels); sampling adds the
+    fit back. With the exact denoiser of a Gaussian residual N(m, s^2) the ensemble is fit + m with
+    spread s; values beyond the data range [-1, 1] are clipped after the sum."""
+    from custom_components.inferers import ConditionalDiffusionPrepareBatch
+    from custom_components.networks import diffusion_unet
+
+    sch = ddpm_scheduler(prediction_type="sample")
+    fit = torch.tensor([-0.5, 0.2, 0.9]).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    cond = torch.cat([torch.rand(2, 7, 4, 4), fit], dim=1)
+    label = fit + 0.05
+    pb = ConditionalDiffusionPrepareBatch(1000, sch, residual=True)
+    x0, target, _, kw = pb({"label": label, "cond": cond})
+    np.testing.assert_allclose(x0.numpy(), 0.05, atol=1e-6)  # the residual, not the label
+    np.testing.assert_allclose(target.numpy(), 0.05, atol=1e-6)  # "sample" prediction: the target is x0
+    assert torch.equal(kw["condition"], cond)
+
+    m, s = 0.04, 0.05  # (spreads near the schedule's floor sqrt(1 - abar_0) = 0.01 come out narrower)
+    denoise = _gaussian_denoiser(m, s, sch.alphas_cumprod.double())
+    net = lambda x, timesteps: denoise(x.double()[:, :3], timesteps).float()  # noqa: E731 - exact residual denoiser
+    inf = EnsembleDDPMInferer(sch, n_samples=400, sampler="dpm++2m", steps=20, seed=0, residual=True)
+    out = inf(torch.cat([torch.zeros(1, 7, 4, 4), fit[:1]], dim=1), net)[0]  # (S, 3, H, W)
+    np.testing.assert_allclose(out[:, :2].mean(dim=0).numpy(), (fit[0, :2] + m).numpy(), atol=0.012)  # 5 SE per pixel
+    assert float((out[:, :2].mean(dim=0) - fit[0, :2]).mean()) == pytest.approx(m, abs=0.002)  # pooled
+    assert float(out[:, :2].std(dim=0).mean()) == pytest.approx(s, rel=0.08)  # pooled over 32 pixel-channels
+    assert float(out[:, 2].max()) <= 1.0 and float(out[:, 2].mean()) > 0.9  # 0.9 + 0.04 +- 0.05, clipped at 1
+    with pytest.raises(ValueError, match="fit_residual needs fit_condition"):
+        diffusion_unet("tiny", fit_residual=True)
+
+
 def _run(args, cwd=REPO, timeout=600):
     r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=cwd, capture_output=True, text=True,
                        timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
