@@ -190,10 +190,13 @@ class SyntheticIRDataset(torch.utils.data.Dataset):
     Item i is realisation i % R of slice i // R. Returns a dict of float32 tensors:
     "image" (N_TI, H, W) magnitude images (PD of water = 1), "label" (3, H, W) = T1 [s], PD, B,
     "mask" (1, H, W) (1 where the labels are meaningful: tissue with PD >= 0.1, i.e. not background
-    or bone), and "snr" (scalar).
+    or bone), and "snr" (scalar). With ``with_tissue`` also "tissue" (H, W) int64: the tissue class
+    (:class:`custom_components.anatomy.Tissue`) at the centre of each output pixel (for per-tissue
+    scores; scenes without labels give none).
     """
 
-    def __init__(self, config: SynthesisConfig | dict | None = None, scene_fn: SceneFn | None = None, **overrides):
+    def __init__(self, config: SynthesisConfig | dict | None = None, scene_fn: SceneFn | None = None,
+                 with_tissue: bool = False, **overrides):
         if config is None:
             config = SynthesisConfig(**overrides)
         elif isinstance(config, dict):
@@ -203,6 +206,7 @@ class SyntheticIRDataset(torch.utils.data.Dataset):
         self.config = config
         self.protocol = get_protocol(config.protocol)
         self.scene_fn = scene_fn
+        self.with_tissue = bool(with_tissue)
 
     def __len__(self) -> int:
         return self.config.n_slices * self.config.realisations
@@ -247,8 +251,11 @@ class SyntheticIRDataset(torch.utils.data.Dataset):
         if "mask" in scene:  # the scene's own notion of meaningful tissue (e.g. PD >= 0.1: not bone)
             m = torch.as_tensor(np.asarray(scene["mask"], dtype=np.float64))
             mask = mask & (downsample_area(m, f) >= 0.5)
-        return {"image": out["image"].float(), "label": out["label"].float(),
+        item = {"image": out["image"].float(), "label": out["label"].float(),
                 "mask": mask.unsqueeze(0).float(), "snr": torch.tensor(snr, dtype=torch.float32)}
+        if self.with_tissue and "tissue" in scene:
+            item["tissue"] = torch.as_tensor(np.asarray(scene["tissue"])[f // 2::f, f // 2::f].astype(np.int64))
+        return item
 
 
 def nist_twin(protocol: Protocol | str = "paper", snr: float | None = 50.0, effects: Effects | None = None,
