@@ -184,6 +184,35 @@ class QMRI:
             _write_files_atomically([(Path(out), lambda t: t.write_text(text + "\n"))], str(out))
         print(text)
 
+    def compare(self, out: str = "docs", brain_slices: int = 4, low_snr: float = 20.0, samples: int = 10, steps: int = 20,
+                ddpm_crop: int = 40, data: str | None = None, speed: bool = True, threads: int = 2):
+        """Map the same data with every method (classical fit, ResNet, RIM, both Diffusors; shipped weights)
+        and regenerate OUT/RESULTS.md and OUT/figures/ (phantom twin, brains, uncertainty, real scans, speed).
+
+        Args:
+            out: folder of RESULTS.md and figures/ (default docs).
+            brain_slices: held-out synthetic brain slices to score.
+            low_snr: the second, lower SNR of the phantom twin.
+            samples, steps: the Diffusor's ensemble size and DPM-Solver++ steps.
+            ddpm_crop: side (pixels) of the crop the full 1000-step DDPM maps for the uncertainty check.
+            data: folder of the real NIST scans (default ../shared/data/nist_phantom_ir).
+            speed: also measure seconds per slice and peak memory in fresh processes.
+            threads: torch threads.
+        """
+        import torch
+
+        from .comparison import run_comparison
+
+        for name, v in (("--brain_slices", brain_slices), ("--samples", samples), ("--steps", steps), ("--ddpm_crop", ddpm_crop)):
+            if int(v) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v}")
+        if float(low_snr) <= 0:
+            raise ValueError(f"--low_snr must be positive, got {low_snr}")
+        torch.set_num_threads(int(threads))
+        path = run_comparison(out, brain_slices=int(brain_slices), low_snr=float(low_snr), steps=int(steps),
+                              samples=int(samples), ddpm_crop=int(ddpm_crop), data_dir=data, speed=bool(speed))
+        print(f"-> {path}")
+
     def crlb(self, protocol: str = "paper", t1="0.2,0.5,1,2,4", snr="20,50,100", b: float = 2.0):
         """Cramér-Rao bound of T1 (ms and %) for a protocol (PD 1, Gaussian noise, T1/PD/B free)."""
         from .protocol import get_protocol

@@ -22,7 +22,10 @@ OUTPUT_MAPS = {
     "PD": ("PDmap", "a.u. (scanner intensity units)", "proton density (apparent: includes T2 weighting at TE)"),
     "B": ("InvEffmap", "1", "inversion efficiency B of S = |PD (1 - B exp(-TI/T1))| (2 = ideal inversion)"),
     "residual": ("Residualmap", "a.u. (scanner intensity units)", "RMS over inversion times of |model| - data"),
+    "flag": ("ResidualFlag", "1", "1 where the maps do not explain the images: sum over TIs of ((data - E|S|)/sigma)^2 "
+                                  "above the chi-square(N) quantile at 1 - alpha"),
 }
+FLAG_ALPHA = 1e-3  # false-alarm rate of the "flag" map (custom_components.consistency.residual_flag)
 
 
 @dataclass
@@ -89,8 +92,15 @@ METHOD_DESCRIPTIONS = {
 }
 
 
-def map_series(series: IRSeries, method: str = "mle", mask: np.ndarray | None = None, **options) -> MappingResult:
-    """Map T1, PD and B of an IR series with a registered method."""
+def map_series(series: IRSeries, method: str = "mle", mask: np.ndarray | None = None, flag_alpha: float = FLAG_ALPHA,
+               **options) -> MappingResult:
+    """Map T1, PD and B of an IR series with a registered method.
+
+    Every result also gets the physics-consistency maps of :func:`add_consistency_maps`: a
+    "residual" map (RMS of data - |model| over the TIs) where the method returns none, and, where
+    the noise level is known, the "flag" map (1 where the maps do not explain the images at
+    false-alarm rate ``flag_alpha``).
+    """
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
     if mask is not None:
@@ -101,7 +111,59 @@ def map_series(series: IRSeries, method: str = "mle", mask: np.ndarray | None = 
             raise InputError("the mask selects no voxel")
     res = METHODS[method](series, mask, **options)
     res.info.setdefault("method", method)
-    return res
+    return add_consistency_maps(res, series, sigma=options.get("sigma"), alpha=flag_alpha)
+
+
+def add_consistency_maps(result: MappingResult, series: IRSeries, sigma: float | None = None,
+                         alpha: float = FLAG_ALPHA) -> MappingResult:
+    """Add the physics-consistency maps (no ground truth needed) to ``result`` in place and return it.
+
+    - "residual" (data units): RMS over the inversion times of data - |S(maps)|
+      (:func:`custom_components.consistency.residual_rms`), only where the method did not return
+      one (the classical fit returns its own, which is kept); 0 outside the mask.
+    - "flag" (float32 0/1): :func:`custom_components.consistency.residual_flag` at false-alarm rate
+      ``alpha``, 0 outside the mask; with ``result.info["flag_alpha"]`` and the fraction of flagged
+      mask voxels ``result.info["flagged_fraction"]``. Needs the noise std per channel: the
+      method's ``result.info["sigma"]``, else ``sigma``, else estimated from the series' signal-free
+      background; without one (or for root-sum-of-squares data of several coils, whose expected
+      magnitude is not the Rician mean) no flag is added and ``result.info["flag_note"]`` says why.
+    """
+    from .consistency import residual_flag, residual_rms
+
+    mask = np.asarray(result.mask, dtype=bool)
+    data = series.data[mask]  # (M, N)
+    t1, pd, b = (np.asarray(result.maps[k], dtype=np.float64)[mask] for k in ("T1", "PD", "B"))
+
+    def full(values: np.ndarray) -> np.ndarray:
+        out = np.zeros(mask.shape, dtype=np.float32)
+        out[mask] = values
+        return out
+
+    if "residual" not in result.maps:
+        result.maps["residual"] = full(residual_rms(data, t1, pd, b, series.protocol))
+    n_coils = int(result.info.get("n_coils", 1) or 1)
+    if result.info.get("noise") == "ncchi" and n_coils > 1:
+        result.info["flag_note"] = (f"no consistency flag: root-sum-of-squares data of {n_coils} coils "
+                                    "(the flag's expected magnitude is the Rician mean of one coil)")
+        return result
+    sig = result.info.get("sigma")
+    if sig is None:
+        sig = sigma
+    if sig is None:
+        try:
+            sig = estimate_noise_sigma(series.data)
+        except ValueError:
+            result.info["flag_note"] = "no consistency flag: noise level unknown (no signal-free background; pass sigma)"
+            return result
+    if not (np.isfinite(sig) and sig > 0):
+        result.info["flag_note"] = f"no consistency flag: noise level {sig!r} is not positive"
+        return result
+    flag = residual_flag(data, t1, pd, b, series.protocol, float(sig), alpha=alpha)
+    result.maps["flag"] = full(flag.astype(np.float32))
+    result.info["flag_alpha"] = float(alpha)
+    result.info["flag_sigma"] = float(sig)
+    result.info["flagged_fraction"] = float(flag.mean()) if flag.size else 0.0
+    return result
 
 
 def sidecars_for(result: MappingResult, series: IRSeries, method: str) -> dict[str, dict]:
@@ -130,4 +192,5 @@ def output_arrays(result: MappingResult) -> dict[str, np.ndarray]:
     return out
 
 
-__all__ = ["OUTPUT_MAPS", "MappingResult", "METHODS", "map_series", "sidecars_for", "output_arrays"]
+__all__ = ["OUTPUT_MAPS", "FLAG_ALPHA", "MappingResult", "METHODS", "map_series", "add_consistency_maps", "sidecars_for",
+           "output_arrays"]

@@ -1,0 +1,64 @@
+"""`qmri compare`: the report is written whole, its numbers are the methods' own, and known answers hold."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from custom_components.cli import main
+from custom_components.comparison import (Case, MethodSpec, Result, brain_cases, brain_section, phantom_section, run_comparison,
+                                          twin_case, verdicts)
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "nist_phantom_ir"
+
+
+def test_sections_score_the_truth_perfectly():
+    """A 'method' that returns the truth: zero NRMSE, SSIM 1, zero bias, and the twin table gives
+    the ROI means of the true map (errors within the partial-volume-free ROI: ~0)."""
+    case = brain_cases(1)[0]
+    assert case.truth.shape[0] == 3 and case.extra["tissue"].shape == case.mask.shape
+    spec = MethodSpec("truth", "truth", "mle")
+    res = Result({"T1": case.truth[0], "PD": case.truth[1], "B": case.truth[2]}, 0.0, {})
+    text, summ = brain_section([case], [{"truth": res}], [spec])
+    assert summ["truth"]["t1_nrmse"] == 0 and summ["truth"]["t1_ssim"] == pytest.approx(1.0)
+    assert "+0 (+0.0 %)" in text
+    tw = twin_case(50.0)
+    res = Result({"T1": tw.truth[0], "PD": tw.truth[1], "B": tw.truth[2]}, 0.0, {})
+    text, summ = phantom_section(tw, {"mle": res}, [MethodSpec("mle", "fit", "mle")])
+    assert summ["mle"]["max_abs_err"] < 0.5
+    assert verdicts(summ, [MethodSpec("mle", "fit", "mle")]) == []
+
+
+def test_compare_writes_the_report(tmp_path):
+    """The classical fit alone through the whole report (small): every section, figures, and the
+    fit's known accuracy on the SNR-50 twin (the 0.4-2 s spheres within 3 %)."""
+    out = tmp_path / "docs"
+    data = REAL if REAL.exists() else tmp_path / "none"
+    path = run_comparison(out, brain_slices=1, methods=[MethodSpec("mle", "classical fit", "mle")], data_dir=data,
+                          speed=True, log=lambda *a: None)
+    text = path.read_text()
+    for head in ("## 1.", "### SNR 50", "### SNR 20", "## 2.", "## 3.", "## 4.", "## 5."):
+        assert head in text
+    assert (out / "figures" / "twin_snr50.png").stat().st_size > 10_000 and (out / "figures" / "brain.png").exists()
+    row = next(line for line in text.splitlines() if line.startswith("| classical fit | ") and " / " in line)
+    mean_err, max_err = (float(x) for x in row.split("|")[2].split("/"))
+    assert max_err < 3.0 and mean_err <= max_err
+    speed = next(line for line in text.splitlines() if line.startswith("| classical fit | 0 (iterative fit)"))
+    assert float(speed.split("|")[3]) > 0 and float(speed.split("|")[-2]) > 100  # seconds; peak MB
+    if REAL.exists():
+        assert "site1_20200218 | plate5 (T1)" in text
+    assert not list(out.glob("*.tmp"))
+
+
+def test_compare_refuses_bad_arguments(tmp_path, capsys):
+    assert main(["compare", "--out", str(tmp_path / "x"), "--brain_slices", "0"]) == 2
+    assert "brain_slices must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_case_series_round_trip():
+    from custom_components.protocol import get_protocol
+
+    c = Case("x", np.random.rand(7, 8, 6), get_protocol("paper"), np.ones((8, 6), bool))
+    s = c.series()
+    assert s.data.shape == (8, 6, 1, 7) and np.allclose(s.data[:, :, 0, :], np.moveaxis(c.images, 0, -1))
