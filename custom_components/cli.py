@@ -58,7 +58,10 @@ class QMRI:
             input: a 4D NIfTI (last axis = inversion) with a BIDS sidecar or --tis, a folder of DICOM
                 files of one IR series, or a BIDS IRT1 file collection.
             out: output folder: T1map.nii.gz (s), PDmap.nii.gz, InvEffmap.nii.gz (2 = ideal inversion),
-                Residualmap.nii.gz, each with a JSON sidecar, in the input's space.
+                Residualmap.nii.gz (RMS of data - |model| over the TIs) and, where the noise level is known
+                or can be estimated from the background, ResidualFlag.nii.gz (1 where the maps do not explain
+                the images: chi-square test at false-alarm rate 0.001), each with a JSON sidecar, in the
+                input's space.
             method: mle (classical maximum likelihood, default), ls (least squares), diffusor (the
                 trained DDPM bundle: also writes T1map_std/PDmap_std/InvEffmap_std, its uncertainty),
                 resnet (direct regression) or rim (recurrent inference machine; any protocol).

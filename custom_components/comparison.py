@@ -298,19 +298,24 @@ def real_scan_section(data_dir: Path, specs: list[MethodSpec]) -> str:
     folders = sorted(p for p in Path(data_dir).glob("site*/plate*") if p.is_dir())
     if not folders:
         return f"No scan folders under {data_dir}: section skipped."
-    runnable, skipped = [], []
-    for s in specs:
-        if s.method in ("mle", "rim"):
-            runnable.append(s)
-    lines = ["| scan | plate | " + " | ".join(f"{s.label}: 0.4-2 s mean abs. error (%) / mean CV (%)" for s in runnable) + " |",
-             "|---|---|" + "---|" * len(runnable)]
-    details = []
+    lines, details, skipped, header = [], [], set(), None
     for folder in folders:
         series = load_series(folder)
         plate = "T1" if folder.name == "plate5" else "T2"
         ref = reference_values(plate, 1.5, 1)["T1_s"]
+        if header is None:
+            header = specs
+            lines = ["| scan | plate | " + " | ".join(f"{s.label}: 0.4-2 s mean abs. error (%) / mean CV (%)" for s in header) + " |",
+                     "|---|---|" + "---|" * len(header)]
         cells = []
-        for s in runnable:
+        for s in specs:
+            if s.method not in ("mle", "rim"):  # the fit and the physics-driven RIM map any protocol
+                w = weights_for_protocol(s.method, series.protocol, fit_condition=s.key.endswith("_fit"))
+                if w is None:
+                    skipped.add(s.label)
+                    cells.append("not run")
+                    continue
+                s = MethodSpec(s.key, s.label, s.method, {**s.options, "weights": str(w)})
             res = map_series(series, method=s.method, progress=False, **s.options)
             t1 = res.maps["T1"][:, :, 0]
             layout = locate_spheres(series.data[:, :, 0, :].transpose(2, 0, 1), series.voxel_size_mm[:2], plate=plate,
@@ -320,10 +325,25 @@ def real_scan_section(data_dir: Path, specs: list[MethodSpec]) -> str:
             cells.append(f"{sm['mean_abs_error_percent']:.1f} / {sm['mean_cv_percent']:.1f}")
             details.append((folder, s, rows))
         lines.append(f"| {folder.parent.name} | {folder.name} ({plate}) | " + " | ".join(cells) + " |")
-    for s in specs:
-        if s.method in ("resnet", "diffusor"):
-            skipped.append(s.label)
-    return "\n".join(lines), details, skipped
+    return "\n".join(lines), details, sorted(skipped)
+
+
+def weights_for_protocol(method: str, protocol, fit_condition: bool = False) -> Path | None:
+    """Shipped weights of a bundle (``bundles/<method>/models/*.pt`` with a weights card) trained for
+    ``protocol``'s inversion times (and, for the Diffusor, the given condition variant), or None."""
+    from .protocol import ProtocolError, check_same_inversion_times, get_protocol
+    from .training import read_weights_card
+
+    for w in sorted((REPO / "bundles" / method / "models").glob("*.pt")):
+        card = read_weights_card(w)
+        if not card or "protocol" not in card or bool(card.get("fit_condition", False)) != bool(fit_condition):
+            continue
+        try:
+            check_same_inversion_times(get_protocol(card["protocol"]), protocol)
+        except ProtocolError:
+            continue
+        return w
+    return None
 
 
 def _peak_rss_mb() -> float:

@@ -12,6 +12,7 @@ likelihood gradient of the series' own protocol. ``qmri map --method diffusor|re
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -89,14 +90,28 @@ class BundleMapper:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - anything unreadable is bad input here
             raise InputError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
-        self.fit_condition = False
+        from .training import read_weights_card
+
+        try:
+            card = read_weights_card(path)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        self.card = card
+        if card is not None:  # what the weights were trained with (written by training): protocol, variant, ...
+            if card.get("method", self.method) != self.method:
+                raise InputError(f"{path} holds {card['method']} weights (per {path.with_suffix('.json').name}), not {self.method} ones")
+            for k, v in card.items():
+                if k != "method" and k not in (overrides or {}) and k in parser:
+                    parser[k] = json.dumps(v) if k == "protocol" else v
+        self.fit_condition = self.fit_residual = False
         if self.method == "diffusor":
             # weights trained with the classical fit in the condition have 3 more input channels
             w_in = state.get("conv_in.conv.weight") if isinstance(state, dict) else None
-            if w_in is not None and "fit_condition" not in (overrides or {}):
+            if w_in is not None and "fit_condition" not in (overrides or {}) and not (card and "fit_condition" in card):
                 n_img = int(parser.get_parsed_content("n_images"))
                 parser["fit_condition"] = bool(w_in.shape[1] == 3 + n_img + 3)
             self.fit_condition = bool(parser.get_parsed_content("fit_condition"))
+            self.fit_residual = bool(parser.get_parsed_content("fit_residual")) if "fit_residual" in parser else False
         self.network = parser.get_parsed_content("network_def").to(self.device)
         try:
             self.network.load_state_dict(state)
@@ -150,6 +165,7 @@ class BundleMapper:
             inf = self.inferer
             return {"n_samples": inf.n_samples, "sampler": inf.sampler,
                     "network_evaluations_per_sample": inf.network_evaluations, "fit_condition": self.fit_condition,
+                    "fit_residual": self.fit_residual,
                     "seed": inf.seed}
         if self.method == "rim":
             return {"n_steps": self.network.n_steps, "likelihood": self.network.noise}

@@ -13,6 +13,7 @@ handlers without a circular reference). It
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -136,4 +137,61 @@ def load_weights(network: torch.nn.Module, path: str, key: str | None = None) ->
     return network
 
 
-__all__ = ["attach_checkpointing", "attach_gradient_clipping", "attach_lr_decay", "cosine_learning_rate", "init_from_weights", "load_weights", "CHECKPOINT_NAME"]
+CARD_KEYS = ("method", "protocol", "n_images", "network_preset", "fit_condition", "fit_residual", "prediction_type")
+
+
+def weights_card_path(weights: str | os.PathLike) -> Path:
+    """The card of a weights file: the same name with ``.json`` (models/model.pt -> models/model.json)."""
+    return Path(weights).with_suffix(".json")
+
+
+def write_weights_card(path: str | os.PathLike, **fields) -> Path:
+    """Write the JSON card that travels with trained weights: the config values a network needs at
+    inference (method, protocol as a full dict, network preset, condition variant, ...), so that
+    ``qmri map --weights W`` maps with W's own protocol and variant. Written atomically at the start
+    of training (the weights it describes appear later in the same folder)."""
+    from .protocol import get_protocol
+
+    card = {k: v for k, v in fields.items() if k in CARD_KEYS}
+    unknown = sorted(set(fields) - set(CARD_KEYS))
+    if unknown:
+        raise ValueError(f"unknown weights-card fields {unknown}; allowed: {list(CARD_KEYS)}")
+    if "protocol" in card:
+        card["protocol"] = get_protocol(card["protocol"]).to_dict()
+    for k in ("fit_condition", "fit_residual"):
+        if k in card:
+            card[k] = _as_bool(card[k])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_weights_card(weights: str | os.PathLike) -> dict | None:
+    """The card beside ``weights`` (None if there is none); raises ValueError if it is unreadable."""
+    path = weights_card_path(weights)
+    if not path.exists():
+        return None
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable weights card ({e})") from None
+    if not isinstance(card, dict) or set(card) - set(CARD_KEYS):
+        raise ValueError(f"{path}: not a weights card (allowed keys: {list(CARD_KEYS)})")
+    return card
+
+
+def _as_bool(v) -> bool:
+    """Config booleans as MONAI's command line passes them (True, "True", "true", 1, ...)."""
+    if isinstance(v, str):
+        if v.strip().lower() in ("true", "1", "yes"):
+            return True
+        if v.strip().lower() in ("false", "0", "no", "none", ""):
+            return False
+        raise ValueError(f"not a boolean: {v!r}")
+    return bool(v)
+
+
+__all__ = ["CARD_KEYS", "write_weights_card", "read_weights_card", "weights_card_path", "attach_checkpointing", "attach_gradient_clipping", "attach_lr_decay", "cosine_learning_rate", "init_from_weights", "load_weights", "CHECKPOINT_NAME"]

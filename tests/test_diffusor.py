@@ -221,6 +221,46 @@ def test_qmri_map_with_diffusor_and_protocol_check(trained_tiny, tmp_path, capsy
     assert "train a model for this protocol" in capsys.readouterr().err and not (tmp_path / "m2").exists()
 
 
+def test_weights_card_carries_protocol_and_variant(trained_tiny, tmp_path, capsys):
+    """Training writes models/model.json beside the weights; `qmri map --weights W` maps with W's own
+    protocol, image count and variant (here: a 6-TI nist15 network, fit residual), and refuses others."""
+    from custom_components.cli import main
+    from custom_components.io import save_series
+    from custom_components.learned import BundleMapper
+    from custom_components.networks import diffusion_unet
+    from custom_components.protocol import nist_15t_protocol, paper_protocol
+    from custom_components.synthesis import Effects, nist_twin
+    from custom_components.training import read_weights_card, write_weights_card
+
+    card = read_weights_card(trained_tiny / "models" / "model.pt")
+    assert card["method"] == "diffusor" and card["network_preset"] == "tiny" and card["fit_condition"] is False
+    assert card["protocol"]["inversion_times_s"] == list(paper_protocol().inversion_times_s)
+    torch.save(diffusion_unet("tiny", n_images=6, fit_condition=True).state_dict(), tmp_path / "n15.pt")
+    write_weights_card(tmp_path / "n15.json", method="diffusor", protocol="nist15", n_images=6, network_preset="tiny",
+                       fit_condition="true", fit_residual=True)
+    m = BundleMapper(trained_tiny, tmp_path / "n15.pt", {"n_samples": 2, "steps": 2})
+    assert m.fit_condition and m.fit_residual and m.inferer.residual and m.protocol.n_images == 6
+    tw = nist_twin("nist15", snr=50, effects=Effects(echo_train=False), matrix=(40, 40))
+    save_series(tmp_path / "scan15.nii.gz", tw["image"].transpose(1, 2, 0)[:, :, None, :], np.eye(4), nist_15t_protocol())
+    assert main(["map", str(tmp_path / "scan15.nii.gz"), "--out", str(tmp_path / "m"), "--method", "diffusor", "--bundle",
+                 str(trained_tiny), "--weights", str(tmp_path / "n15.pt"), "--samples", "2", "--steps", "2", "--quiet"]) == 0
+    assert (tmp_path / "m" / "T1map_std.nii.gz").exists()
+    tw = nist_twin("paper", snr=50, effects=Effects(echo_train=False), matrix=(40, 40))
+    save_series(tmp_path / "p.nii.gz", tw["image"].transpose(1, 2, 0)[:, :, None, :], np.eye(4), paper_protocol())
+    capsys.readouterr()
+    assert main(["map", str(tmp_path / "p.nii.gz"), "--out", str(tmp_path / "m2"), "--method", "diffusor", "--bundle",
+                 str(trained_tiny), "--weights", str(tmp_path / "n15.pt"), "--quiet"]) == 2
+    assert "train a model for this protocol" in capsys.readouterr().err and not (tmp_path / "m2").exists()
+    # a card of another method, or an unreadable one: one line, exit 2
+    write_weights_card(tmp_path / "n15.json", method="resnet", protocol="nist15", n_images=6, network_preset="tiny")
+    assert main(["map", str(tmp_path / "scan15.nii.gz"), "--out", str(tmp_path / "m3"), "--method", "diffusor", "--bundle",
+                 str(trained_tiny), "--weights", str(tmp_path / "n15.pt"), "--quiet"]) == 2
+    (tmp_path / "n15.json").write_text("{not json")
+    assert main(["map", str(tmp_path / "scan15.nii.gz"), "--out", str(tmp_path / "m3"), "--method", "diffusor", "--bundle",
+                 str(trained_tiny), "--weights", str(tmp_path / "n15.pt"), "--quiet"]) == 2
+    assert "unreadable weights card" in capsys.readouterr().err and not (tmp_path / "m3").exists()
+
+
 def test_init_from_weights(tmp_path):
     from custom_components.networks import diffusion_unet
     from custom_components.training import init_from_weights
