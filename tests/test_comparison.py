@@ -62,3 +62,13 @@ def test_case_series_round_trip():
     c = Case("x", np.random.rand(7, 8, 6), get_protocol("paper"), np.ones((8, 6), bool))
     s = c.series()
     assert s.data.shape == (8, 6, 1, 7) and np.allclose(s.data[:, :, 0, :], np.moveaxis(c.images, 0, -1))
+
+
+def test_weights_for_protocol_reads_the_shipped_cards():
+    from custom_components.comparison import weights_for_protocol
+    from custom_components.protocol import get_protocol
+
+    assert weights_for_protocol("diffusor", get_protocol("paper")).name == "model.pt"
+    assert weights_for_protocol("diffusor", get_protocol("paper"), fit_condition=True).name == "model_fitcond.pt"
+    assert weights_for_protocol("resnet", get_protocol("paper")).name == "model.pt"
+    assert weights_for_protocol("resnet", get_protocol("nist15")) is None  # no model for the real scans' protocol yet
