@@ -558,9 +558,11 @@ def run_comparison(out_dir: str | Path = "docs", brain_slices: int = 4, low_snr:
                "T1 error and mean coefficient of variation over the spheres of 0.4-2 s.", "", table, ""]
         if skipped:
             md += ["Not run: " + ", ".join(skipped) + ". These models map only the protocol they were trained for, and "
-                   "no weights for this protocol are shipped yet; to make them: `python -m monai.bundle run training "
+                   "no weights for this protocol are shipped yet. One command per model makes them, and this report "
+                   "then runs them (it finds them by their weights cards): `python -m monai.bundle run training "
                    "--config_file bundles/<method>/configs/train.json --bundle_root bundles/<method> --protocol nist15 "
-                   "--n_images 6 --ckpt_dir runs/<method>_nist15` and pass the result to `qmri map --weights`.", ""]
+                   "--n_images 6 --model_name model_nist15` (for the fit-conditioned Diffusor add `--fit_condition True "
+                   "--fit_residual True --model_name model_fitcond_nist15`).", ""]
 
     # 5. speed
     if speed:

@@ -92,6 +92,7 @@ class BundleMapper:
             raise InputError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
         from .training import read_weights_card
 
+        parser["ckpt_path"] = str(path)  # config expressions that read the weights' card see these weights
         try:
             card = read_weights_card(path)
         except ValueError as e:

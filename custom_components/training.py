@@ -32,15 +32,25 @@ def _save_atomic(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def checkpoint_name(model_name: str = "model") -> str:
+    """The last-checkpoint file of a training whose best weights are ``<model_name>.pt``:
+    checkpoint_last.pt for "model", checkpoint_last_<model_name>.pt otherwise (so that models for
+    several protocols can be trained into one folder without resuming each other)."""
+    if not model_name or any(c in str(model_name) for c in "/\\") or str(model_name).startswith("."):
+        raise ValueError(f"model_name must be a plain file stem, got {model_name!r}")
+    return CHECKPOINT_NAME if model_name == "model" else f"checkpoint_last_{model_name}.pt"
+
+
 def attach_checkpointing(trainer, ckpt_dir: str, objects: dict, resume: bool = True, interval_epochs: int = 1,
-                         save: bool = True) -> bool:
+                         save: bool = True, name: str = CHECKPOINT_NAME) -> bool:
     """Attach last-checkpoint saving (and resuming) to an Ignite trainer. Returns True if resumed.
 
     ``save=False`` (every rank but 0 of a distributed run) only resumes: one process writes.
+    ``name``: the checkpoint's file name in ``ckpt_dir`` (:func:`checkpoint_name`).
     """
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / CHECKPOINT_NAME
+    path = ckpt_dir / name
     objects = dict(objects)
     objects.setdefault("trainer", trainer)
 
@@ -183,6 +193,13 @@ def read_weights_card(weights: str | os.PathLike) -> dict | None:
     return card
 
 
+def card_value(weights: str | os.PathLike, key: str, default=None):
+    """``key`` of the weights card beside ``weights`` (``default`` when there is no card or no such
+    key): lets an inference config take the variant from the weights it loads."""
+    card = read_weights_card(weights)
+    return default if card is None else card.get(key, default)
+
+
 def _as_bool(v) -> bool:
     """Config booleans as MONAI's command line passes them (True, "True", "true", 1, ...)."""
     if isinstance(v, str):
@@ -194,4 +211,4 @@ def _as_bool(v) -> bool:
     return bool(v)
 
 
-__all__ = ["CARD_KEYS", "write_weights_card", "read_weights_card", "weights_card_path", "attach_checkpointing", "attach_gradient_clipping", "attach_lr_decay", "cosine_learning_rate", "init_from_weights", "load_weights", "CHECKPOINT_NAME"]
+__all__ = ["checkpoint_name", "CARD_KEYS", "write_weights_card", "read_weights_card", "card_value", "weights_card_path", "attach_checkpointing", "attach_gradient_clipping", "attach_lr_decay", "cosine_learning_rate", "init_from_weights", "load_weights", "CHECKPOINT_NAME"]

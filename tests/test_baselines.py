@@ -175,6 +175,34 @@ def test_baseline_bundle_infers_through_monai_bundle_and_qmri_map(trained, tmp_p
         assert code == 2 and "train a model for this protocol" in capsys.readouterr().err and not (tmp_path / "m15").exists()
 
 
+def test_one_command_trains_a_model_for_another_protocol(trained, tmp_path):
+    """`--protocol nist15 --n_images 6 --model_name model_n15` writes models/model_n15.pt with its card
+    and its own checkpoint beside the paper model's, which stay as they were; `qmri map --weights`
+    then maps that protocol with it (and `qmri compare` finds it by its card)."""
+    from custom_components.cli import main
+    from custom_components.training import read_weights_card
+
+    method, root = trained
+    before = {p.name: p.read_bytes() for p in (root / "models").glob("*") if p.is_file()}
+    _run(["training", "--config_file", str(root / "configs" / "train.json"), "--bundle_root", str(root),
+          "--max_epochs", "1", "--protocol", "nist15", "--n_images", "6", "--model_name", "model_n15", *TINY])
+    models = root / "models"
+    assert (models / "model_n15.pt").exists() and (models / "checkpoint_last_model_n15.pt").exists()
+    card = read_weights_card(models / "model_n15.pt")
+    assert card["method"] == method and card["protocol"]["inversion_times_s"] == list(get_protocol("nist15").tis)
+    for name, data in before.items():
+        assert (models / name).read_bytes() == data, name  # the paper model, its card and checkpoint untouched
+    n15 = _twin_file(tmp_path / "n15.nii.gz", "nist15")
+    assert main(["map", str(n15), "--out", str(tmp_path / "m"), "--method", method, "--bundle", str(root),
+                 "--weights", str(models / "model_n15.pt"), "--quiet"]) == 0
+    assert nib.load(tmp_path / "m" / "T1map.nii.gz").shape == (40, 40, 1)
+    from custom_components.training import checkpoint_name
+
+    assert checkpoint_name("model") == "checkpoint_last.pt"
+    with pytest.raises(ValueError, match="plain file stem"):
+        checkpoint_name("../x")
+
+
 def test_baseline_check_properties(trained):
     from monai.bundle import ConfigWorkflow
 
