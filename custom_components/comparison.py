@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .mapping import FLAG_ALPHA
+
 REPO = Path(__file__).resolve().parents[1]
 TEST_SEED = 917_203  # the brain test slices' seed (training uses 0, validation 100003)
 CALIBRATION_SEED = 917_204  # the slice the Diffusor's std calibration factor is fitted on
@@ -126,8 +128,8 @@ def run_method(case: Case, spec: MethodSpec, mask: np.ndarray | None = None) -> 
 
     m = case.mask if mask is None else mask
     opts = dict(spec.options)
-    if spec.method in ("mle", "rim") and case.sigma is not None and "sigma" not in opts:
-        opts["sigma"] = case.sigma  # the noise level is known for synthetic data
+    if case.sigma is not None and "sigma" not in opts:
+        opts["sigma"] = case.sigma  # known for synthetic data: the fit's and the RIM's likelihood, every method's flag map
     t = time.perf_counter()
     res = map_series(case.series(), method=spec.method, mask=m[:, :, None], progress=False, **opts)
     dt = time.perf_counter() - t
@@ -256,8 +258,8 @@ def uncertainty_rows(cases: list[Case], results: list[Result], factor: float | N
     return out
 
 
-def flag_rows(cases: list[Case], results: list[dict[str, Result]], specs: list[MethodSpec], alpha: float = 1e-3) -> str:
-    from .consistency import residual_flag, residual_rms
+def flag_rows(cases: list[Case], results: list[dict[str, Result]], specs: list[MethodSpec], alpha: float = FLAG_ALPHA) -> str:
+    from .consistency import residual_rms
     from .map_metrics import detection_auc, detection_rates
 
     lines = ["| method | voxels with large error (%) | flagged (%) | sensitivity | specificity | precision | "
@@ -269,7 +271,9 @@ def flag_rows(cases: list[Case], results: list[dict[str, Result]], specs: list[M
                 continue
             r = res[s.key]
             data = np.moveaxis(c.images, 0, -1)
-            flags.append(residual_flag(data, r.maps["T1"], r.maps["PD"], r.maps["B"], c.protocol, c.sigma, alpha=alpha)[c.mask])
+            if r.info.get("flag_alpha") != alpha or r.info.get("flag_sigma") != c.sigma:
+                raise ValueError(f"{s.label}: its flag map was not made with alpha {alpha:g} and the case's sigma")
+            flags.append(r.maps["flag"][c.mask] > 0.5)  # the map qmri map writes (mapping.add_consistency_maps)
             score.append(residual_rms(data, r.maps["T1"], r.maps["PD"], r.maps["B"], c.protocol, sigma=c.sigma)[c.mask])
             bad.append(np.abs(r.maps["T1"][c.mask] - c.truth[0][c.mask]) / c.truth[0][c.mask] > LARGE_ERROR)
             if "T1_std" in r.maps:
@@ -288,7 +292,7 @@ def flag_rows(cases: list[Case], results: list[dict[str, Result]], specs: list[M
     return "\n".join(lines)
 
 
-def real_scan_section(data_dir: Path, specs: list[MethodSpec]) -> str:
+def real_scan_section(data_dir: Path, specs: list[MethodSpec]) -> str | tuple[str, list, list[str]]:
     """Every method that can map the scans' protocol, sphere by sphere against the 1.5 T references."""
     from .evaluation import locate_spheres, sphere_table, table_summary
     from .io import load_series
@@ -298,15 +302,13 @@ def real_scan_section(data_dir: Path, specs: list[MethodSpec]) -> str:
     folders = sorted(p for p in Path(data_dir).glob("site*/plate*") if p.is_dir())
     if not folders:
         return f"No scan folders under {data_dir}: section skipped."
-    lines, details, skipped, header = [], [], set(), None
+    lines = ["| scan | plate | " + " | ".join(f"{s.label}: 0.4-2 s mean abs. error (%) / mean CV (%)" for s in specs) + " |",
+             "|---|---|" + "---|" * len(specs)]
+    details, skipped = [], set()
     for folder in folders:
         series = load_series(folder)
         plate = "T1" if folder.name == "plate5" else "T2"
         ref = reference_values(plate, 1.5, 1)["T1_s"]
-        if header is None:
-            header = specs
-            lines = ["| scan | plate | " + " | ".join(f"{s.label}: 0.4-2 s mean abs. error (%) / mean CV (%)" for s in header) + " |",
-                     "|---|---|" + "---|" * len(header)]
         cells = []
         for s in specs:
             if s.method not in ("mle", "rim"):  # the fit and the physics-driven RIM map any protocol

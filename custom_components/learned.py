@@ -97,7 +97,6 @@ class BundleMapper:
             card = read_weights_card(path)
         except ValueError as e:
             raise InputError(str(e)) from None
-        self.card = card
         if card is not None:  # what the weights were trained with (written by training): protocol, variant, ...
             if card.get("method", self.method) != self.method:
                 raise InputError(f"{path} holds {card['method']} weights (per {path.with_suffix('.json').name}), not {self.method} ones")

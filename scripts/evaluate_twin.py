@@ -24,23 +24,19 @@ import numpy as np
 
 
 def run(method: str, seeds: int, snr: float, protocol: str = "paper", **kw):
+    from custom_components.comparison import twin_case
     from custom_components.evaluation import locate_spheres, roi_statistics
-    from custom_components.io import IRSeries
     from custom_components.mapping import map_series
-    from custom_components.synthesis import Effects, nist_twin
 
     per_seed = []
     times = []
     for seed in range(seeds):
-        tw = nist_twin(protocol, snr=snr, effects=Effects(noise="rician", echo_train=True), seed=seed)
-        px = tw["pixel_spacing_mm"]
-        series = IRSeries(data=tw["image"].transpose(1, 2, 0)[:, :, None, :], affine=np.diag([px[0], px[1], 1.0, 1.0]),
-                          protocol=tw["protocol"], source=f"NIST twin seed {seed}")
+        case = twin_case(snr, seed=seed, protocol=protocol)
         t = time.perf_counter()
-        res = map_series(series, method=method, mask=tw["mask"][:, :, None], progress=False, **kw)
+        res = map_series(case.series(), method=method, mask=case.mask[:, :, None], progress=False, **kw)
         times.append(time.perf_counter() - t)
-        ref = tw["reference"]["T1_s"]
-        layout = locate_spheres(tw["image"], px, t1_map=tw["label"][0], reference_t1_s=ref)
+        ref = case.extra["reference"]
+        layout = locate_spheres(case.images, case.pixel_spacing_mm, t1_map=case.extra["spheres_truth"], reference_t1_s=ref)
         stats = {"T1": roi_statistics(res.maps["T1"][:, :, 0], layout)}
         if "T1_std" in res.maps:
             stats["T1_std"] = roi_statistics(res.maps["T1_std"][:, :, 0], layout)
