@@ -5,6 +5,8 @@
     qmri synthesize --out DIR [--n 16] [--protocol paper] [--wide_t1] [--seed 0]
     qmri report T1MAP [--plate T1] [--field 3] [--version 2] [--out table.md]
     qmri crlb [--protocol paper] [--t1 0.2,0.5,1,2] [--snr 20,50,100]
+    qmri compare [--out docs]
+    qmri release BUNDLE --version X.Y.Z --note TEXT;  qmri pack BUNDLE [--out dist];  qmri unpack ZIP [--bundle_dir D]
 
 Every command prints one line ``qmri: error: ...`` and exits with status 2 on bad input, leaving
 no partial output.
@@ -51,7 +53,8 @@ class QMRI:
     def map(self, input: str, out: str, method: str = "mle", mask: str | None = None, tis=None, tr=None,
             noise: str = "rician", n_coils: int = 1, sigma: float | None = None, overwrite: bool = False,
             samples: int | None = None, steps: int | None = None, sampler: str | None = None, device: str = "cpu",
-            bundle: str | None = None, weights: str | None = None, quiet: bool = False):
+            bundle: str | None = None, weights: str | None = None, quiet: bool = False, bids: bool = False,
+            subject: str | None = None, session: str | None = None):
         """Map T1 (s), PD and inversion efficiency B from an IR series; write NIfTI maps with JSON sidecars.
 
         Args:
@@ -78,11 +81,24 @@ class QMRI:
             device: cpu or cuda for the learned methods.
             bundle: bundle folder of the learned method (default bundles/<method>).
             weights: weights file (default <bundle>/models/model.pt).
+            bids: write OUT as a BIDS derivatives dataset (dataset_description.json, sub-<label>/anat/
+                sub-<label>_desc-<method>_T1map.nii.gz and friends with sidecars); the subject (and session)
+                label comes from the input's BIDS name or --subject/--session.
+            subject, session: BIDS labels for --bids (letters and digits).
         """
         from .io import load_nifti_map, load_series, save_maps
         from .mapping import map_series, output_arrays, sidecars_for
 
         series = load_series(input, tis=_floats(tis, "--tis"), tr=(None if tr is None else (lambda v: v[0] if len(v) == 1 else v)(_floats(tr, "--tr"))))
+        if bids:  # labels first: a missing one fails before any mapping
+            from . import __version__
+            from .io import bids_entities, save_bids_derivatives
+
+            ent = bids_entities(series.files or [input])
+            sub = subject if subject is not None else ent.get("sub")
+            if sub is None:
+                raise ValueError("--bids needs --subject: the input's name has no sub-<label>")
+            ses = session if session is not None else (ent.get("ses") if subject is None else None)
         m = None
         if mask is not None:
             m, _ = load_nifti_map(mask)
@@ -90,8 +106,14 @@ class QMRI:
                 m = m[:, :, None]
         res = map_series(series, method=method, mask=m, noise=noise, n_coils=int(n_coils), sigma=sigma, progress=not quiet,
                          samples=samples, steps=steps, sampler=sampler, device=device, bundle_dir=bundle, weights=weights)
-        written = save_maps(out, output_arrays(res), series.affine, sidecars_for(res, series, method),
-                            overwrite=overwrite, protect=series.files)
+        if bids:
+            written = save_bids_derivatives(out, output_arrays(res), series.affine, sidecars_for(res, series, method),
+                                            subject=str(sub), session=None if ses is None else str(ses), method=method,
+                                            version=__version__, sources=series.files or [input],
+                                            overwrite=overwrite, protect=series.files)
+        else:
+            written = save_maps(out, output_arrays(res), series.affine, sidecars_for(res, series, method),
+                                overwrite=overwrite, protect=series.files)
         if not quiet:
             t1 = res.maps["T1"][res.mask]
             print(f"mapped {int(res.mask.sum())} voxels with {method}: median T1 {np.median(t1) * 1000:.0f} ms -> {out}")
@@ -215,6 +237,30 @@ class QMRI:
         path = run_comparison(out, brain_slices=int(brain_slices), low_snr=float(low_snr), steps=int(steps),
                               samples=int(samples), ddpm_crop=int(ddpm_crop), data_dir=data, speed=bool(speed))
         print(f"-> {path}")
+
+    def release(self, bundle: str, version: str, note: str, versions: bool = True):
+        """Record a new version of a bundle after its configs or weights changed: bump metadata.json's
+        version (must go up), put NOTE first in its changelog, record the content hash and (with
+        --versions, the default) the installed monai/torch/numpy versions."""
+        from .packaging import installed_versions, release
+
+        meta = release(bundle, str(version), note, installed_versions() if versions else None)
+        print(f"{bundle}: version {meta['version']}")
+
+    def pack(self, bundle: str, out: str = "dist", name: str | None = None, overwrite: bool = False):
+        """Pack a bundle into OUT/<name>.zip for sharing (configs, models, docs, LICENSE) after checking its
+        metadata and that its version matches its content. Then, anywhere, offline:
+        python -m monai.bundle download --name <name> --url file:///abs/path/<name>.zip --bundle_dir DIR"""
+        from .packaging import pack_bundle
+
+        print(f"-> {pack_bundle(bundle, out, name=name, overwrite=bool(overwrite))}")
+
+    def unpack(self, zip: str, bundle_dir: str = "bundles", overwrite: bool = False):
+        """Unpack a shared bundle zip into BUNDLE_DIR/<name>, all or nothing, refusing any entry that could
+        land outside it (absolute paths, '..', links)."""
+        from .packaging import unpack_bundle
+
+        print(f"-> {unpack_bundle(zip, bundle_dir, overwrite=bool(overwrite))}")
 
     def crlb(self, protocol: str = "paper", t1="0.2,0.5,1,2,4", snr="20,50,100", b: float = 2.0):
         """Cramér-Rao bound of T1 (ms and %) for a protocol (PD 1, Gaussian noise, T1/PD/B free)."""

@@ -1037,6 +1037,77 @@ def save_maps(out_dir: str | os.PathLike, maps: Mapping[str, Any], affine: Any,
     return {name: paths[0] for name, paths in finals.items()}
 
 
+# BIDS derivatives (qMRI maps): map file stem -> (BIDS suffix, desc suffix appended to the method label).
+# T1map and PDmap are BIDS quantitative-map suffixes (T1map in s); the others are this tool's own.
+BIDS_MAP_NAMES = {"T1map": ("T1map", ""), "PDmap": ("PDmap", ""), "InvEffmap": ("InvEffmap", ""),
+                  "Residualmap": ("Residualmap", ""), "ResidualFlag": ("ResidualFlag", ""),
+                  "T1map_std": ("T1map", "Std"), "PDmap_std": ("PDmap", "Std"), "InvEffmap_std": ("InvEffmap", "Std")}
+BIDS_VERSION = "1.10.0"
+_BIDS_LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
+
+
+def bids_entities(paths: Iterable[str | os.PathLike]) -> dict[str, str]:
+    """``sub`` and ``ses`` labels found in the names of BIDS input files (empty when there are none)."""
+    found: dict[str, str] = {}
+    for p in paths:
+        for key in ("sub", "ses"):
+            m = re.search(rf"(?:^|_){key}-([A-Za-z0-9]+)(?=_|$)", Path(p).name.split(".")[0])
+            if m:
+                found.setdefault(key, m.group(1))
+    return found
+
+
+def save_bids_derivatives(root: str | os.PathLike, maps: Mapping[str, Any], affine: Any,
+                          sidecars: Mapping[str, Mapping] | None, *, subject: str, method: str, version: str,
+                          session: str | None = None, sources: Iterable[str | os.PathLike] = (),
+                          overwrite: bool = False, protect: Iterable[str | os.PathLike] = ()) -> dict[str, Path]:
+    """Write maps as a BIDS derivatives dataset rooted at ``root``.
+
+    Files: ``root/dataset_description.json`` (DatasetType "derivative", GeneratedBy qmri-diffusor with
+    ``version`` and the method) and ``root/sub-<subject>[/ses-<session>]/anat/
+    sub-<subject>[_ses-<session>]_desc-<method>[Std]_<suffix>.nii.gz`` with JSON sidecars (units, method,
+    software version, protocol, ``Sources``), suffixes from :data:`BIDS_MAP_NAMES`. Several methods and
+    subjects share one dataset; files that already exist need ``overwrite``. Written atomically."""
+    out = Path(root).expanduser()
+    for what, label in (("subject", subject), ("session", session)):
+        if label is not None and not _BIDS_LABEL_RE.match(str(label)):
+            raise InputError(f"{out}: BIDS {what} label must be letters and digits, got {label!r}")
+    if not _BIDS_LABEL_RE.match(method):
+        raise InputError(f"{out}: BIDS desc label must be letters and digits, got {method!r}")
+    unknown = sorted(set(maps) - set(BIDS_MAP_NAMES))
+    if unknown:
+        raise InputError(f"{out}: no BIDS name for maps {unknown}")
+    prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "")
+    folder = out / f"sub-{subject}" / (f"ses-{session}" if session else "") / "anat"
+    folder = Path(os.path.normpath(folder))
+    sources = [str(s) for s in sources]
+    names = {stem: f"{prefix}_desc-{method}{BIDS_MAP_NAMES[stem][1]}_{BIDS_MAP_NAMES[stem][0]}" for stem in maps}
+    bmaps = {names[k]: v for k, v in maps.items()}
+    bside = {names[k]: {**dict(v), "Sources": sources} for k, v in (sidecars or {}).items()}
+    existing = [folder / f"{n}{ext}" for n in bmaps for ext in (".nii.gz", ".json") if (folder / f"{n}{ext}").exists()]
+    if existing and not overwrite:
+        raise InputError(f"{existing[0]}: exists; pass --overwrite")
+
+    desc_path = out / "dataset_description.json"
+    generated = {"Name": "qmri-diffusor", "Version": version,
+                 "Description": f"T1, PD and inversion-efficiency maps from inversion-recovery images ({method})"}
+    if desc_path.exists():
+        desc = _read_json(desc_path)
+        if desc.get("DatasetType") != "derivative":
+            raise InputError(f"{desc_path}: not a BIDS derivatives dataset (DatasetType is "
+                             f"{desc.get('DatasetType')!r}); choose an empty folder or a derivatives dataset")
+        gen = list(desc.get("GeneratedBy", []))
+        if not any(isinstance(g, dict) and all(g.get(k) == generated[k] for k in ("Name", "Version", "Description"))
+                   for g in gen):
+            desc["GeneratedBy"] = gen + [generated]
+    else:
+        desc = {"Name": "qMRI Diffusor maps", "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
+                "GeneratedBy": [generated]}
+    written = save_maps(folder, bmaps, affine, bside, overwrite=True, protect=protect)
+    _write_files_atomically([(desc_path, lambda t: t.write_text(_json_text(desc, str(desc_path))))], str(desc_path))
+    return {stem: written[names[stem]] for stem in maps}
+
+
 _PROTOCOL_KEYS = ("InversionTime", "RepetitionTime", "EchoTime", "EchoTrainLength",
                   "MagneticFieldStrength", "qMRIProtocol")
 
@@ -1176,4 +1247,4 @@ def save_bids_irt1(folder: str | os.PathLike, subject: str, data: Any, affine: A
 
 
 __all__ = ["InputError", "IRSeries", "load_series", "load_nifti_map", "save_maps", "save_series",
-           "save_bids_irt1", "sidecar_path", "protocol_sidecar", "dicom_pixel_values", "philips_scale_slope"]
+           "save_bids_irt1", "save_bids_derivatives", "bids_entities", "BIDS_MAP_NAMES", "sidecar_path", "protocol_sidecar", "dicom_pixel_values", "philips_scale_slope"]

@@ -126,16 +126,58 @@ def attach_gradient_clipping(trainer, network, max_norm: float | None) -> bool:
     return True
 
 
-def init_from_weights(path: str | None, *networks: torch.nn.Module) -> bool:
+def init_from_weights(path: str | None, *networks: torch.nn.Module, input_layout=None) -> bool:
     """Start training from trained weights (e.g. a bundle's models/model.pt): load them into each
     network (the online one and its EMA copy). A ``checkpoint_last.pt`` found later by
-    :func:`attach_checkpointing` still takes precedence (it is loaded after this)."""
+    :func:`attach_checkpointing` still takes precedence (it is loaded after this).
+
+    ``input_layout = (n_lead, n_images, n_tail)`` allows a warm start across protocols: the network's
+    input channels are ``n_lead`` channels (the noisy maps), then one channel per inversion time, then
+    ``n_tail`` (the classical fit). A weight that differs from the file's only in its input-channel
+    axis is adapted by :func:`adapt_input_channels`; every other tensor must match exactly."""
     if not path:
         return False
     for net in networks:
-        load_weights(net, path)
+        if input_layout is None:
+            load_weights(net, path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            target = net.state_dict()
+            adapted = []
+            for name, value in state.items():
+                if name in target and value.ndim >= 2 and value.shape != target[name].shape \
+                        and value.shape[0] == target[name].shape[0] and value.shape[2:] == target[name].shape[2:]:
+                    state[name] = adapt_input_channels(value, *input_layout)
+                    adapted.append(name)
+            net.load_state_dict(state)
+            if adapted:
+                LOGGER.info("adapted input channels of %s to %d inversion times", ", ".join(adapted), input_layout[1])
     LOGGER.info("initialised %d network(s) from %s", len(networks), path)
     return True
+
+
+def adapt_input_channels(weight: torch.Tensor, n_lead: int, n_images: int, n_tail: int) -> torch.Tensor:
+    """Map a convolution weight (out, in_old, ...) trained for another number of inversion times to
+    ``n_lead + n_images + n_tail`` input channels: the lead and tail channels mean the same for every
+    protocol and are copied; the weight of old image channel ``j`` is split between the two new image
+    channels nearest to its relative position in the TI order (linear interpolation), so the summed
+    image weight is unchanged and a signal constant over TI gives the same response. A warm start, not
+    a converted model: it still needs training."""
+    n_lead, n_images, n_tail = int(n_lead), int(n_images), int(n_tail)
+    n_old = weight.shape[1] - n_lead - n_tail
+    if n_old < 1 or n_images < 1:
+        raise ValueError(f"cannot adapt a weight with {weight.shape[1]} input channels to layout "
+                         f"({n_lead}, {n_images}, {n_tail})")
+    lead, images, tail = weight[:, :n_lead], weight[:, n_lead:n_lead + n_old], weight[:, n_lead + n_old:]
+    split = torch.zeros(n_old, n_images, dtype=weight.dtype)  # rows sum to 1
+    for j in range(n_old):
+        q = j * (n_images - 1) / max(n_old - 1, 1)
+        lo = int(q)
+        hi = min(lo + 1, n_images - 1)
+        split[j, lo] += 1.0 - (q - lo)
+        split[j, hi] += q - lo
+    new_images = torch.einsum("oj...,ji->oi...", images, split)
+    return torch.cat([lead, new_images, tail], dim=1).contiguous()
 
 
 def load_weights(network: torch.nn.Module, path: str, key: str | None = None) -> torch.nn.Module:
@@ -145,6 +187,23 @@ def load_weights(network: torch.nn.Module, path: str, key: str | None = None) ->
         state = state[key]
     network.load_state_dict(state)
     return network
+
+
+def rank_summary(trainer, network: torch.nn.Module) -> dict:
+    """Log (on every rank of a distributed run) what this process trained and a checksum of its
+    weights: with DistributedDataParallel the checksums of all ranks agree (the gradients are averaged
+    and the start broadcast from rank 0), which is how a test sees that the ranks trained together."""
+    import torch.distributed as dist
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    with torch.no_grad():
+        checksum = float(sum(p.detach().double().sum() for p in network.parameters()))
+    st = trainer.state
+    info = {"rank": rank, "world_size": world, "epochs": int(st.epoch), "iterations": int(st.iteration),
+            "epoch_length": int(st.epoch_length or 0), "checksum": checksum}
+    LOGGER.info("rank %d of %d trained %d epochs, %d iterations (%d per epoch); weights checksum %.12e",
+                rank, world, info["epochs"], info["iterations"], info["epoch_length"], checksum)
+    return info
 
 
 CARD_KEYS = ("method", "protocol", "n_images", "network_preset", "fit_condition", "fit_residual", "prediction_type")
@@ -211,4 +270,4 @@ def _as_bool(v) -> bool:
     return bool(v)
 
 
-__all__ = ["checkpoint_name", "CARD_KEYS", "write_weights_card", "read_weights_card", "card_value", "weights_card_path", "attach_checkpointing", "attach_gradient_clipping", "attach_lr_decay", "cosine_learning_rate", "init_from_weights", "load_weights", "CHECKPOINT_NAME"]
+__all__ = ["checkpoint_name", "rank_summary", "CARD_KEYS", "write_weights_card", "read_weights_card", "card_value", "weights_card_path", "attach_checkpointing", "attach_gradient_clipping", "attach_lr_decay", "cosine_learning_rate", "init_from_weights", "adapt_input_channels", "load_weights", "CHECKPOINT_NAME"]

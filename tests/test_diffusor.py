@@ -272,6 +272,33 @@ def test_init_from_weights(tmp_path):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), net.state_dict().values()))
 
 
+def test_init_from_weights_across_protocols(tmp_path):
+    """A 7-TI fit-conditioned network warm-starts a 6-TI one: all tensors but the input conv are copied,
+    the noisy-map and fit channels keep their weights, and for images constant over TI the first
+    convolution gives the same response (the summed image weight is preserved)."""
+    from custom_components.networks import diffusion_unet
+    from custom_components.training import init_from_weights
+
+    torch.manual_seed(0)
+    old = diffusion_unet("tiny", n_images=7, fit_condition=True)
+    new = diffusion_unet("tiny", n_images=6, fit_condition=True)
+    torch.save(old.state_dict(), tmp_path / "w7.pt")
+    with pytest.raises(RuntimeError):
+        init_from_weights(str(tmp_path / "w7.pt"), new)  # without a layout, shapes must match
+    assert init_from_weights(str(tmp_path / "w7.pt"), new, input_layout=(3, 6, 3))
+    so, sn = old.state_dict(), new.state_dict()
+    changed = [k for k in so if so[k].shape != sn[k].shape]
+    assert len(changed) == 1 and sn[changed[0]].shape[1] == 12
+    assert all(torch.equal(so[k], sn[k]) for k in so if k not in changed)
+    wo, wn = so[changed[0]], sn[changed[0]]
+    assert torch.equal(wo[:, :3], wn[:, :3]) and torch.equal(wo[:, -3:], wn[:, -3:])
+    conv = changed[0].rsplit(".", 1)[0]
+    x_old = torch.cat([torch.randn(1, 3, 8, 8), torch.full((1, 7, 8, 8), 0.7), torch.randn(1, 3, 8, 8)], 1)
+    x_new = torch.cat([x_old[:, :3], torch.full((1, 6, 8, 8), 0.7), x_old[:, -3:]], 1)
+    f_old, f_new = old.get_submodule(conv), new.get_submodule(conv)
+    torch.testing.assert_close(f_old(x_old), f_new(x_new), rtol=1e-5, atol=1e-5)
+
+
 def test_mapper_detects_fit_conditioned_weights(trained_tiny, tmp_path):
     from custom_components.learned import DiffusorMapper
     from custom_components.networks import diffusion_unet
