@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     try:
-        fire.Fire(QMRI, command=argv, name="qmri")
+        fire.Fire(QMRI(), command=argv, name="qmri")
     except (InputError, ProtocolError, ValueError, FileNotFoundError, json.JSONDecodeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"qmri: error: {msg}", file=sys.stderr)

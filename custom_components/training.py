@@ -189,6 +189,18 @@ def load_weights(network: torch.nn.Module, path: str, key: str | None = None) ->
     return network
 
 
+def attach_progress_bar(trainer, enabled: bool = True) -> bool:
+    """A tqdm progress bar over each training epoch (iterations, the running loss), on stderr; the
+    per-iteration lines of the StatsHandler still go through the bundle's logging.conf."""
+    if not enabled:
+        return False
+    from ignite.handlers import ProgressBar
+
+    ProgressBar(persist=False, desc="train").attach(
+        trainer, output_transform=lambda out: {"loss": float(out[0]["loss"] if isinstance(out, list) else out["loss"])})
+    return True
+
+
 def rank_summary(trainer, network: torch.nn.Module) -> dict:
     """Log (on every rank of a distributed run) what this process trained and a checksum of its
     weights: with DistributedDataParallel the checksums of all ranks agree (the gradients are averaged
@@ -270,4 +282,4 @@ def _as_bool(v) -> bool:
     return bool(v)
 
 
-__all__ = ["checkpoint_name", "rank_summary", "CARD_KEYS", "write_weights_card", "read_weights_card", "card_value", "weights_card_path", "attach_checkpointing", "attach_gradient_clipping", "attach_lr_decay", "cosine_learning_rate", "init_from_weights", "adapt_input_channels", "load_weights", "CHECKPOINT_NAME"]
+__all__ = ["checkpoint_name", "rank_summary", "attach_progress_bar", "CARD_KEYS", "write_weights_card", "read_weights_card", "card_value", "weights_card_path", "attach_checkpointing", "attach_gradient_clipping", "attach_lr_decay", "cosine_learning_rate", "init_from_weights", "adapt_input_channels", "load_weights", "CHECKPOINT_NAME"]

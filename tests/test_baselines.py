@@ -119,6 +119,7 @@ def trained(request, tmp_path_factory):
     log = _run(["training", "--config_file", str(root / "configs" / "train.json"), "--bundle_root", str(root),
                 "--max_epochs", "2", "--tracking", "mlflow", *TINY])
     assert "val_t1_mape" in log and (root / "models" / "model.pt").exists()
+    assert "train [2/2]" in log  # the epoch's progress bar (Ignite ProgressBar on stderr)
     state = torch.load(root / "models" / "checkpoint_last.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"]
     if method == "resnet":  # a finished run is not started again from epoch 0

@@ -118,3 +118,25 @@ def test_phantom_then_map_then_report(tmp_path, capsys):
     assert main(["report", str(out / "T1map.nii.gz"), "--field", "3", "--out", str(tmp_path / "t.md")]) == 0
     text = (tmp_path / "t.md").read_text()
     assert text.count("\n|") >= 14
+
+
+@pytest.mark.parametrize("command", ["map", "phantom", "synthesize", "report", "compare", "crlb", "release", "pack",
+                                     "unpack"])
+def test_every_command_says_what_it_does(command, capfd):
+    from custom_components.cli import QMRI, main
+
+    assert main([command, "--help"]) == 0
+    cap = capfd.readouterr()
+    out = cap.out + cap.err  # python-fire writes help to stderr
+    first = getattr(QMRI, command).__doc__.strip().splitlines()[0]
+    assert first.split(":")[0][:40] in " ".join(out.split()) and ("FLAGS" in out or "POSITIONAL" in out)
+
+
+def test_top_level_help_lists_the_commands(capfd):
+    from custom_components.cli import main
+
+    assert main(["--help"]) == 0
+    cap = capfd.readouterr()
+    out = cap.out + cap.err
+    for command in ("map", "compare", "pack", "release", "unpack"):
+        assert f"\n     {command}\n" in out

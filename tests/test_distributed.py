@@ -40,6 +40,7 @@ def test_torchrun_two_ranks_train_together_and_only_rank0_writes(tmp_path):
     found = {int(m.group(1)): m for m in re.finditer(
         r"rank (\d) of 2 trained (\d+) epochs, (\d+) iterations \((\d+) per epoch\); weights checksum (\S+)", log)}
     assert sorted(found) == [0, 1], log[-3000:]
+    assert "train [2/2]" in log  # rank 0's progress bar
     # both ranks ran every epoch, each on its half of the 4 training slices (DistributedSampler: batch 2 -> 1 iteration)
     for m in found.values():
         assert int(m.group(2)) == 2 and int(m.group(4)) == 1 and int(m.group(3)) == 2
