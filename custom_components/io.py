@@ -198,7 +198,21 @@ def _nib_load(p: Path):
         raise InputError(f"{p}: cannot read NIfTI ({type(e).__name__}: {e})") from e
 
 
+def max_input_bytes() -> int:
+    """Memory an input image may take once read (float64): ``QMRI_MAX_INPUT_GB`` (default 8 GB)."""
+    try:
+        gb = float(os.environ.get("QMRI_MAX_INPUT_GB", "8"))
+    except ValueError:
+        raise InputError(f"QMRI_MAX_INPUT_GB must be a number of GB, got {os.environ['QMRI_MAX_INPUT_GB']!r}") from None
+    return int(gb * 1e9)
+
+
 def _nib_data(img, p: Path) -> np.ndarray:
+    need = 8 * int(np.prod(img.shape, dtype=np.int64))
+    limit = max_input_bytes()
+    if need > limit:  # checked from the header, before any voxel is read
+        raise InputError(f"{p}: image of shape {tuple(img.shape)} needs {need / 1e9:.1f} GB in memory, above the "
+                         f"limit of {limit / 1e9:.1f} GB (map it in parts, or raise QMRI_MAX_INPUT_GB)")
     try:
         return np.asarray(img.get_fdata(dtype=np.float64))
     except Exception as e:  # truncated or corrupt image data

@@ -86,11 +86,9 @@ class BundleMapper:
         path = Path(weights) if weights is not None else Path(parser.get_parsed_content("ckpt_path"))
         if not path.exists():
             raise InputError(f"{path}: no trained weights; train the bundle first (see its docs/README.md)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - anything unreadable is bad input here
-            raise InputError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
-        from .training import read_weights_card
+        from .training import read_weights, read_weights_card
+
+        state = read_weights(path)
 
         parser["ckpt_path"] = str(path)  # config expressions that read the weights' card see these weights
         try:

@@ -61,7 +61,7 @@ def attach_checkpointing(trainer, ckpt_dir: str, objects: dict, resume: bool = T
         trainer.add_event_handler(Events.EPOCH_COMPLETED(every=int(interval_epochs)), _save)
     if resume and path.exists():
         max_epochs = trainer.state.max_epochs  # the configured total, possibly changed since the checkpoint
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_weights(path)
         for k, v in objects.items():
             if k in state:
                 v.load_state_dict(state[k])
@@ -141,7 +141,7 @@ def init_from_weights(path: str | None, *networks: torch.nn.Module, input_layout
         if input_layout is None:
             load_weights(net, path)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = read_weights(path)
             target = net.state_dict()
             adapted = []
             for name, value in state.items():
@@ -180,9 +180,34 @@ def adapt_input_channels(weight: torch.Tensor, n_lead: int, n_images: int, n_tai
     return torch.cat([lead, new_images, tail], dim=1).contiguous()
 
 
+def read_weights(path: str | os.PathLike) -> dict:
+    """The tensors of a weights or checkpoint file, read with ``torch.load(weights_only=True)``: a file
+    holding any other Python object (which unpickling could use to run code) is refused with one line,
+    never executed."""
+    import pickle
+    import warnings
+
+    from .io import InputError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol notes would precede the one-line error
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(f"{path}: refused: the file holds Python objects besides tensors, and loading them could "
+                         "run code; only plain weights are read (torch.load weights_only=True)") from None
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such weights file") from None
+    except Exception as e:  # noqa: BLE001 - truncated, not a torch file, ...
+        raise InputError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: weights must be a dict of tensors, got {type(state).__name__}")
+    return state
+
+
 def load_weights(network: torch.nn.Module, path: str, key: str | None = None) -> torch.nn.Module:
     """Load CPU weights (a state dict, or a dict holding one under ``key``) with weights_only=True."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_weights(path)
     if key is not None and key in state:
         state = state[key]
     network.load_state_dict(state)
@@ -282,4 +307,4 @@ def _as_bool(v) -> bool:
     return bool(v)
 
 
-__all__ = ["checkpoint_name", "rank_summary", "attach_progress_bar", "CARD_KEYS", "write_weights_card", "read_weights_card", "card_value", "weights_card_path", "attach_checkpointing", "attach_gradient_clipping", "attach_lr_decay", "cosine_learning_rate", "init_from_weights", "adapt_input_channels", "load_weights", "CHECKPOINT_NAME"]
+__all__ = ["checkpoint_name", "rank_summary", "attach_progress_bar", "CARD_KEYS", "write_weights_card", "read_weights_card", "card_value", "weights_card_path", "attach_checkpointing", "attach_gradient_clipping", "attach_lr_decay", "cosine_learning_rate", "init_from_weights", "adapt_input_channels", "read_weights", "load_weights", "CHECKPOINT_NAME"]
