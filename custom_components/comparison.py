@@ -304,7 +304,7 @@ def real_scan_section(data_dir: Path, specs: list[MethodSpec]) -> str | tuple[st
         return f"No scan folders under {data_dir}: section skipped."
     lines = ["| scan | plate | " + " | ".join(f"{s.label}: 0.4-2 s mean abs. error (%) / mean CV (%)" for s in specs) + " |",
              "|---|---|" + "---|" * len(specs)]
-    details, skipped = [], set()
+    details, skipped = [], {}
     for folder in folders:
         series = load_series(folder)
         plate = "T1" if folder.name == "plate5" else "T2"
@@ -314,7 +314,7 @@ def real_scan_section(data_dir: Path, specs: list[MethodSpec]) -> str | tuple[st
             if s.method not in ("mle", "rim"):  # the fit and the physics-driven RIM map any protocol
                 w = weights_for_protocol(s.method, series.protocol, fit_condition=s.key.endswith("_fit"))
                 if w is None:
-                    skipped.add(s.label)
+                    skipped.setdefault(s.label, set()).add(_timing(series.protocol))
                     cells.append("not run")
                     continue
                 s = MethodSpec(s.key, s.label, s.method, {**s.options, "weights": str(w)})
@@ -327,13 +327,46 @@ def real_scan_section(data_dir: Path, specs: list[MethodSpec]) -> str | tuple[st
             cells.append(f"{sm['mean_abs_error_percent']:.1f} / {sm['mean_cv_percent']:.1f}")
             details.append((folder, s, rows))
         lines.append(f"| {folder.parent.name} | {folder.name} ({plate}) | " + " | ".join(cells) + " |")
-    return "\n".join(lines), details, sorted(skipped)
+    skipped = [f"{label} (no weights for {' or '.join(sorted(t))})" for label, t in sorted(skipped.items())]
+    return "\n".join(lines), details, skipped
+
+
+def real_scan_sphere_tables(details: list) -> str:
+    """One sphere-by-sphere table per scan (ms): the reference and every method that mapped it, as
+    ROI mean ± within-sphere std (error of the mean); bold: the 0.4-2 s spheres."""
+    by_scan: dict = {}
+    for folder, spec, rows in details:
+        by_scan.setdefault(folder, []).append((spec, rows))
+    out = []
+    for folder, runs in by_scan.items():
+        out += [f"#### {folder.parent.name} / {folder.name}", "",
+                "| sphere | reference T1 (ms) | " + " | ".join(spec.label for spec, _ in runs) + " |",
+                "|---:|---:|" + "---:|" * len(runs)]
+        for k, ref_row in enumerate(runs[0][1]):
+            cells = [str(ref_row["sphere"]), f"{ref_row['reference_ms']:.1f}"]
+            cells += [f"{r[k]['mean_ms']:.0f} ± {r[k]['std_ms']:.0f} ({r[k]['error_percent']:+.1f} %)" for _, r in runs]
+            out.append("| " + " | ".join(f"**{c}**" if ref_row["in_vivo_range"] else c for c in cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _timing(protocol) -> str:
+    """'TIs 50, 100, ... ms, TR 1 s' (TR listed per image when it varies)."""
+    tis = ", ".join(f"{1000 * t:.0f}" for t in protocol.inversion_times_s)
+    tr = protocol.repetition_time_s
+    if tr is None:
+        trs = "unknown TR"
+    elif isinstance(tr, tuple) and len(set(tr)) > 1:
+        trs = "TR " + ", ".join(f"{t:g}" for t in tr) + " s"
+    else:
+        trs = f"TR {float(tr[0] if isinstance(tr, tuple) else tr):g} s"
+    return f"TIs {tis} ms, {trs}"
 
 
 def weights_for_protocol(method: str, protocol, fit_condition: bool = False) -> Path | None:
     """Shipped weights of a bundle (``bundles/<method>/models/*.pt`` with a weights card) trained for
     ``protocol``'s inversion times (and, for the Diffusor, the given condition variant), or None."""
-    from .protocol import ProtocolError, check_same_inversion_times, get_protocol
+    from .protocol import ProtocolError, check_same_timing, get_protocol
     from .training import read_weights_card
 
     for w in sorted((REPO / "bundles" / method / "models").glob("*.pt")):
@@ -341,7 +374,7 @@ def weights_for_protocol(method: str, protocol, fit_condition: bool = False) -> 
         if not card or "protocol" not in card or bool(card.get("fit_condition", False)) != bool(fit_condition):
             continue
         try:
-            check_same_inversion_times(get_protocol(card["protocol"]), protocol)
+            check_same_timing(get_protocol(card["protocol"]), protocol)
         except ProtocolError:
             continue
         return w
@@ -550,7 +583,8 @@ def run_comparison(out_dir: str | Path = "docs", brain_slices: int = 4, low_snr:
            flag_rows(cases, brain_res, specs), ""]
 
     # 4. real scans
-    md += ["## 4. Real scans of the NIST phantom (1.5 T, TIs 50-800 ms, TR 1 s)", ""]
+    md += ["## 4. Real scans of the NIST phantom (1.5 T, TIs 50-800 ms; TR 1 s on GE and Philips, growing with TI "
+           "to 2.46 s on Siemens)", ""]
     out = real_scan_section(data_dir, specs)
     if isinstance(out, str):
         md += [out, ""]
@@ -559,12 +593,14 @@ def run_comparison(out_dir: str | Path = "docs", brain_slices: int = 4, low_snr:
         md += ["Sphere ROIs located from the images; references: phantom version 1 at 1.5 T. Per scan the mean absolute "
                "T1 error and mean coefficient of variation over the spheres of 0.4-2 s.", "", table, ""]
         if skipped:
-            md += ["Not run: " + ", ".join(skipped) + ". These models map only the protocol they were trained for, and "
-                   "no weights for this protocol are shipped yet. One command per model makes them, and this report "
-                   "then runs them (it finds them by their weights cards): `python -m monai.bundle run training "
-                   "--config_file bundles/<method>/configs/train.json --bundle_root bundles/<method> --protocol nist15 "
-                   "--n_images 6 --model_name model_nist15` (for the fit-conditioned Diffusor add `--fit_condition True "
-                   "--fit_residual True --model_name model_fitcond_nist15`).", ""]
+            md += ["Not run: " + "; ".join(skipped) + ". These models map only the protocol (inversion and "
+                   "repetition times) they were trained for, and no weights for that protocol are shipped. One command "
+                   "per model makes them, and this report then runs them (it finds them by their weights cards): "
+                   "`python -m monai.bundle run training --config_file bundles/<method>/configs/train.json "
+                   "--bundle_root bundles/<method> --protocol nist15 --n_images 6 --model_name model_nist15` (TR 1 s; "
+                   "`--protocol nist15_variable_tr` for the Siemens scans' TR; for the fit-conditioned Diffusor add "
+                   "`--fit_condition True --fit_residual True --model_name model_fitcond_nist15`).", ""]
+        md += ["### Sphere by sphere", "", real_scan_sphere_tables(details)]
 
     # 5. speed
     if speed:

@@ -128,13 +128,13 @@ class BundleMapper:
         """A learned model maps only the protocol it was trained for (re-train for another one).
 
         The RIM is physics-driven: it maps any protocol, with the series' own inversion times."""
-        from .protocol import ProtocolError, check_same_inversion_times
+        from .protocol import ProtocolError, check_same_timing
 
         if self.method == "rim":
             self.network.protocol = series.protocol  # physics-driven: the series' own inversion times
             return
         try:
-            check_same_inversion_times(self.protocol, series.protocol)
+            check_same_timing(self.protocol, series.protocol)
         except ProtocolError as e:
             raise InputError(str(e)) from None
 

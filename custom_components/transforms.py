@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform, Transform
 
-from .protocol import ProtocolError, check_same_inversion_times, get_protocol
+from .protocol import ProtocolError, check_same_timing, get_protocol
 
 
 class SyntheticItemd(Transform):
@@ -107,7 +107,7 @@ class LoadIRSeriesd(MapTransform):
             series = load_series(d[key], tis=self.tis)
             if self.protocol is not None:
                 try:
-                    check_same_inversion_times(self.protocol, series.protocol, str(series.source))
+                    check_same_timing(self.protocol, series.protocol, str(series.source))
                 except ProtocolError as e:
                     raise InputError(str(e)) from None
             img = torch.as_tensor(np.ascontiguousarray(np.transpose(series.data, (2, 3, 0, 1))), dtype=torch.float32)

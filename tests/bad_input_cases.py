@@ -88,6 +88,10 @@ def wrong_ti_count_for_model(d):
     return _map(_nifti(d, protocol="nist15"), "--method", "resnet")
 
 
+def wrong_tr_for_model(d):
+    return _map(_nifti(d, protocol=get_protocol("paper").with_(repetition_time_s=3.0)), "--method", "resnet")
+
+
 def tis_missing(d):
     return _map(_nifti(d, sidecar=False))
 
@@ -272,6 +276,8 @@ class Case:
 CASES = [
     Case("wrong_ti_count_for_model", "6 TIs (1.5 T NIST protocol) into the ResNet trained for the paper's 7",
          wrong_ti_count_for_model, "train a model for this protocol"),
+    Case("wrong_tr_for_model", "the paper's TIs with TR 3 s into the ResNet trained for TR 10 s",
+         wrong_tr_for_model, "trained for TR 10.0 s"),
     Case("tis_missing", "4D NIfTI without sidecar and without --tis", tis_missing, "no inversion times"),
     Case("tis_duplicated", "--tis with one TI twice", tis_duplicated, "duplicate"),
     Case("tis_count_differs", "--tis with 6 values for 7 images", tis_count_differs_from_images, "6 inversion times"),

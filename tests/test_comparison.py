@@ -72,3 +72,19 @@ def test_weights_for_protocol_reads_the_shipped_cards():
     assert weights_for_protocol("diffusor", get_protocol("paper"), fit_condition=True).name == "model_fitcond.pt"
     assert weights_for_protocol("resnet", get_protocol("paper")).name == "model.pt"
     assert weights_for_protocol("resnet", get_protocol("nist15")) is None  # no model for the real scans' protocol yet
+
+
+def test_real_scan_sphere_tables_and_timing_text():
+    from custom_components.comparison import _timing, real_scan_sphere_tables
+    from custom_components.protocol import nist_15t_protocol
+
+    assert _timing(nist_15t_protocol()) == "TIs 50, 100, 200, 400, 600, 800 ms, TR 1 s"
+    assert _timing(nist_15t_protocol(True)).endswith("TR 1, 1, 1, 1.26, 1.86, 2.46 s")
+    rows = [{"sphere": k + 1, "reference_ms": r, "mean_ms": 1.1 * r, "std_ms": 5.0, "error_percent": 10.0,
+             "in_vivo_range": 400 <= r <= 2000} for k, r in enumerate([1500.0, 300.0])]
+    text = real_scan_sphere_tables([(Path("/d/site9/plate5"), MethodSpec("mle", "fit", "mle"), rows),
+                                    (Path("/d/site9/plate5"), MethodSpec("rim", "RIM", "rim"), rows)])
+    lines = text.splitlines()
+    assert lines[0] == "#### site9 / plate5" and lines[2] == "| sphere | reference T1 (ms) | fit | RIM |"
+    assert lines[4] == "| **1** | **1500.0** | **1650 ± 5 (+10.0 %)** | **1650 ± 5 (+10.0 %)** |"
+    assert lines[5] == "| 2 | 300.0 | 330 ± 5 (+10.0 %) | 330 ± 5 (+10.0 %) |"
