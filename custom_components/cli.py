@@ -210,7 +210,8 @@ class QMRI:
         print(text)
 
     def compare(self, out: str = "docs", brain_slices: int = 4, low_snr: float = 20.0, samples: int = 10, steps: int = 20,
-                ddpm_crop: int = 40, data: str | None = None, speed: bool = True, threads: int = 2):
+                ddpm_crop: int = 40, data: str | None = None, speed: bool = True, threads: int = 2,
+                only: str | None = None):
         """Map the same data with every method (classical fit, ResNet, RIM, both Diffusors; shipped weights)
         and regenerate OUT/RESULTS.md and OUT/figures/ (phantom twin, brains, uncertainty, real scans, speed).
 
@@ -223,17 +224,24 @@ class QMRI:
             data: folder of the real NIST scans (default ../shared/data/nist_phantom_ir).
             speed: also measure seconds per slice and peak memory in fresh processes.
             threads: torch threads.
+            only: "real_scans": regenerate only section 4 (the real scans) of the existing OUT/RESULTS.md,
+                e.g. after training a model for the scans' protocol; the rest is kept as it is.
         """
         import torch
 
-        from .comparison import run_comparison
+        from .comparison import run_comparison, update_real_scan_section
 
         for name, v in (("--brain_slices", brain_slices), ("--samples", samples), ("--steps", steps), ("--ddpm_crop", ddpm_crop)):
             if int(v) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v}")
         if float(low_snr) <= 0:
             raise ValueError(f"--low_snr must be positive, got {low_snr}")
+        if only is not None and only != "real_scans":
+            raise ValueError(f"--only takes real_scans, got {only!r}")
         torch.set_num_threads(int(threads))
+        if only == "real_scans":
+            print(f"-> {update_real_scan_section(out, data_dir=data, steps=int(steps), samples=int(samples))}")
+            return
         path = run_comparison(out, brain_slices=int(brain_slices), low_snr=float(low_snr), steps=int(steps),
                               samples=int(samples), ddpm_crop=int(ddpm_crop), data_dir=data, speed=bool(speed))
         print(f"-> {path}")

@@ -225,7 +225,8 @@ class EnsembleDDPMInferer(Inferer):
         clip: clamp of x0 estimates (the data range of 2 tanh(x) - 1 is [-1, 1)).
         max_batch: largest number of samples per network call (memory); None: all at once.
         seed: seed of the initial noise (reproducible maps); None: global RNG.
-        autocast_dtype: e.g. torch.bfloat16 to run the network under autocast (CPU/GPU).
+        autocast_dtype: run the network under autocast: "auto", "bfloat16", a torch dtype or None
+            (:func:`resolve_autocast_dtype`).
         residual: the network was trained on the residual maps - fit (``fit_residual``): the last 3
             condition channels (the classical fit, network space) are added to every sample, and the
             residual's x0 estimates are clipped to twice ``clip`` (the range of a difference of two
@@ -247,7 +248,8 @@ class EnsembleDDPMInferer(Inferer):
         self.clip = clip
         self.max_batch = max_batch
         self.seed = seed
-        self.autocast_dtype = getattr(torch, autocast_dtype) if isinstance(autocast_dtype, str) else autocast_dtype
+        resolve_autocast_dtype(autocast_dtype)
+        self.autocast_dtype = autocast_dtype
         self.progress = progress
         self.pad_multiple = pad_multiple
         self.residual = bool(residual)
@@ -264,8 +266,9 @@ class EnsembleDDPMInferer(Inferer):
     def _model_fn(self, network, cond):
         def fn(x, t):
             inp = torch.cat([x, cond], dim=1)
-            if self.autocast_dtype is not None:
-                with torch.autocast(device_type=inp.device.type, dtype=self.autocast_dtype):
+            dtype = resolve_autocast_dtype(self.autocast_dtype, inp.device.type)
+            if dtype is not None:
+                with torch.autocast(device_type=inp.device.type, dtype=dtype):
                     return network(inp, timesteps=t).float()
             return network(inp, timesteps=t)
         return fn
@@ -312,18 +315,47 @@ def ensemble_statistics(samples: torch.Tensor, scale: torch.Tensor | float) -> t
     return phys.mean(dim=1), (phys.std(dim=1) if samples.shape[1] > 1 else torch.zeros_like(phys[:, 0]))
 
 
+
+def resolve_autocast_dtype(value, device_type: str = "cpu") -> torch.dtype | None:
+    """The autocast dtype for ``value``: None / "none" / "float32" -> None (full fp32); "auto" -> bf16
+    where the device computes it natively (a CUDA GPU with bf16, or a CPU whose oneDNN has bf16
+    kernels: AVX512-BF16 or AMX), else None; "bfloat16" / "float16" (or those torch dtypes) -> that
+    dtype. "auto" matters on CPUs: without native bf16 (an AVX2-only AMD EPYC here) one training
+    iteration of the compact U-Net under bf16 autocast took 98 s against 4 s in fp32."""
+    if value is None or value is torch.float32 or (
+            isinstance(value, str) and value.lower() in ("", "none", "null", "float32", "fp32")):
+        return None
+    if value in (torch.bfloat16, torch.float16):
+        return value
+    if isinstance(value, str) and value.lower() == "auto":
+        if device_type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+        try:
+            native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            native = False
+        return torch.bfloat16 if native else None
+    dtype = getattr(torch, str(value), None)
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast_dtype must be auto, none, bfloat16 or float16, got {value!r}")
+    return dtype
+
+
 class ConditionalDiffusionInferer(DiffusionInferer):
     """MONAI's DiffusionInferer for training, with the condition concatenated on the channel axis
-    and an optional autocast (bf16 on CPU trains about 1.7x faster than fp32 here)."""
+    and an optional autocast (``autocast_dtype``, see :func:`resolve_autocast_dtype`: bf16 trained about
+    1.7x faster than fp32 on a CPU with native bf16, and 25x slower on one without)."""
 
     def __init__(self, scheduler, autocast_dtype: torch.dtype | str | None = None):
         super().__init__(scheduler)
-        self.autocast_dtype = getattr(torch, autocast_dtype) if isinstance(autocast_dtype, str) else autocast_dtype
+        resolve_autocast_dtype(autocast_dtype)  # a bad value fails here, not at the first iteration
+        self.autocast_dtype = autocast_dtype
 
     def __call__(self, inputs, diffusion_model, noise, timesteps, condition=None, mode="concat", seg=None):
-        if self.autocast_dtype is None:
+        dtype = resolve_autocast_dtype(self.autocast_dtype, inputs.device.type)
+        if dtype is None:
             return super().__call__(inputs, diffusion_model, noise, timesteps, condition=condition, mode=mode)
-        with torch.autocast(device_type=inputs.device.type, dtype=self.autocast_dtype):
+        with torch.autocast(device_type=inputs.device.type, dtype=dtype):
             out = super().__call__(inputs, diffusion_model, noise, timesteps, condition=condition, mode=mode)
         return out.float()
 

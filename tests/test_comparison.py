@@ -88,3 +88,24 @@ def test_real_scan_sphere_tables_and_timing_text():
     assert lines[0] == "#### site9 / plate5" and lines[2] == "| sphere | reference T1 (ms) | fit | RIM |"
     assert lines[4] == "| **1** | **1500.0** | **1650 ± 5 (+10.0 %)** | **1650 ± 5 (+10.0 %)** |"
     assert lines[5] == "| 2 | 300.0 | 330 ± 5 (+10.0 %) | 330 ± 5 (+10.0 %) |"
+
+
+def test_only_real_scans_replaces_section_4_and_keeps_the_rest(tmp_path, capsys):
+    from custom_components.comparison import update_real_scan_section
+
+    report = tmp_path / "RESULTS.md"
+    report.write_text("# R\n\n## 1. Twin\n\nkept 1\n\n## 4. Real scans (old)\n\nold table\n\n## 5. Speed\n\nkept 5\n")
+    empty = tmp_path / "no_scans"
+    empty.mkdir()
+    update_real_scan_section(tmp_path, data_dir=empty, methods=[MethodSpec("mle", "fit", "mle")])
+    text = report.read_text()
+    assert "old table" not in text and text.count("## 4. Real scans") == 1
+    assert text.startswith("# R\n\n## 1. Twin\n\nkept 1\n\n## 4. Real scans of the NIST phantom")
+    assert text.endswith("## 5. Speed\n\nkept 5\n")
+    assert f"No scan folders under {empty}" in text and "--only real_scans` on " in text
+    assert not list(tmp_path.glob("*.tmp"))
+    # no report yet, or a wrong --only: one line, nothing written
+    assert main(["compare", "--out", str(tmp_path / "new"), "--only", "real_scans"]) == 2
+    assert "no report to update" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    assert main(["compare", "--out", str(tmp_path), "--only", "twin"]) == 2
+    assert "--only takes real_scans" in capsys.readouterr().err

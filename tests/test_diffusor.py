@@ -309,3 +309,15 @@ def test_mapper_detects_fit_conditioned_weights(trained_tiny, tmp_path):
     mean, std = m.map_slice(np.random.default_rng(0).random((7, 16, 16)) + 0.1)
     assert mean.shape == (3, 16, 16) and std.shape == (3, 16, 16)
     assert not DiffusorMapper(trained_tiny, trained_tiny / "models" / "model.pt", {"network_preset": "tiny"}).fit_condition
+
+
+def test_autocast_dtype_auto_uses_bf16_only_where_the_device_computes_it():
+    from custom_components.inferers import ConditionalDiffusionInferer, ddpm_scheduler, resolve_autocast_dtype
+
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert resolve_autocast_dtype("auto", "cpu") == (torch.bfloat16 if native else None)
+    for off in (None, "none", "None", "float32"):
+        assert resolve_autocast_dtype(off) is None
+    assert resolve_autocast_dtype("bfloat16") is torch.bfloat16 and resolve_autocast_dtype(torch.float16) is torch.float16
+    with pytest.raises(ValueError, match="autocast_dtype must be"):
+        ConditionalDiffusionInferer(ddpm_scheduler(), autocast_dtype="int8")
