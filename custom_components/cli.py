@@ -92,13 +92,14 @@ class QMRI:
         series = load_series(input, tis=_floats(tis, "--tis"), tr=(None if tr is None else (lambda v: v[0] if len(v) == 1 else v)(_floats(tr, "--tr"))))
         if bids:  # labels first: a missing one fails before any mapping
             from . import __version__
-            from .io import bids_entities, save_bids_derivatives
+            from .io import bids_entities, check_bids_target, save_bids_derivatives
 
             ent = bids_entities(series.files or [input])
             sub = subject if subject is not None else ent.get("sub")
             if sub is None:
                 raise ValueError("--bids needs --subject: the input's name has no sub-<label>")
             ses = session if session is not None else (ent.get("ses") if subject is None else None)
+            check_bids_target(out, None if sub is None else str(sub), None if ses is None else str(ses), method)
         m = None
         if mask is not None:
             m, _ = load_nifti_map(mask)
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         fire.Fire(QMRI(), command=argv, name="qmri")
-    except (InputError, ProtocolError, ValueError, FileNotFoundError, json.JSONDecodeError) as e:
+    except (InputError, ProtocolError, ValueError, OSError, json.JSONDecodeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"qmri: error: {msg}", file=sys.stderr)
         return 2

@@ -203,7 +203,9 @@ def max_input_bytes() -> int:
     try:
         gb = float(os.environ.get("QMRI_MAX_INPUT_GB", "8"))
     except ValueError:
-        raise InputError(f"QMRI_MAX_INPUT_GB must be a number of GB, got {os.environ['QMRI_MAX_INPUT_GB']!r}") from None
+        gb = float("nan")
+    if not (np.isfinite(gb) and gb > 0):
+        raise InputError(f"QMRI_MAX_INPUT_GB must be a positive number of GB, got {os.environ['QMRI_MAX_INPUT_GB']!r}")
     return int(gb * 1e9)
 
 
@@ -1083,11 +1085,7 @@ def save_bids_derivatives(root: str | os.PathLike, maps: Mapping[str, Any], affi
     software version, protocol, ``Sources``), suffixes from :data:`BIDS_MAP_NAMES`. Several methods and
     subjects share one dataset; files that already exist need ``overwrite``. Written atomically."""
     out = Path(root).expanduser()
-    for what, label in (("subject", subject), ("session", session)):
-        if label is not None and not _BIDS_LABEL_RE.match(str(label)):
-            raise InputError(f"{out}: BIDS {what} label must be letters and digits, got {label!r}")
-    if not _BIDS_LABEL_RE.match(method):
-        raise InputError(f"{out}: BIDS desc label must be letters and digits, got {method!r}")
+    check_bids_target(out, subject, session, method)
     unknown = sorted(set(maps) - set(BIDS_MAP_NAMES))
     if unknown:
         raise InputError(f"{out}: no BIDS name for maps {unknown}")
@@ -1107,9 +1105,6 @@ def save_bids_derivatives(root: str | os.PathLike, maps: Mapping[str, Any], affi
                  "Description": f"T1, PD and inversion-efficiency maps from inversion-recovery images ({method})"}
     if desc_path.exists():
         desc = _read_json(desc_path)
-        if desc.get("DatasetType") != "derivative":
-            raise InputError(f"{desc_path}: not a BIDS derivatives dataset (DatasetType is "
-                             f"{desc.get('DatasetType')!r}); choose an empty folder or a derivatives dataset")
         gen = list(desc.get("GeneratedBy", []))
         if not any(isinstance(g, dict) and all(g.get(k) == generated[k] for k in ("Name", "Version", "Description"))
                    for g in gen):
@@ -1117,9 +1112,29 @@ def save_bids_derivatives(root: str | os.PathLike, maps: Mapping[str, Any], affi
     else:
         desc = {"Name": "qMRI Diffusor maps", "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
                 "GeneratedBy": [generated]}
-    written = save_maps(folder, bmaps, affine, bside, overwrite=True, protect=protect)
+    # the description first: maps are never left in a folder that does not say what made them
+    out.mkdir(parents=True, exist_ok=True)
     _write_files_atomically([(desc_path, lambda t: t.write_text(_json_text(desc, str(desc_path))))], str(desc_path))
+    written = save_maps(folder, bmaps, affine, bside, overwrite=True, protect=protect)
     return {stem: written[names[stem]] for stem in maps}
+
+
+def check_bids_target(root: str | os.PathLike, subject: str | None, session: str | None, method: str) -> None:
+    """Refuse (InputError) BIDS labels that are not letters and digits, and an output folder whose
+    dataset_description.json is not a derivatives dataset: checked before any mapping (``qmri map
+    --bids``) as well as when writing."""
+    out = Path(root).expanduser()
+    for what, label in (("subject", subject), ("session", session)):
+        if label is not None and not _BIDS_LABEL_RE.match(str(label)):
+            raise InputError(f"{out}: BIDS {what} label must be letters and digits, got {label!r}")
+    if not _BIDS_LABEL_RE.match(method):
+        raise InputError(f"{out}: BIDS desc label must be letters and digits, got {method!r}")
+    desc_path = out / "dataset_description.json"
+    if desc_path.exists():
+        desc = _read_json(desc_path)
+        if desc.get("DatasetType") != "derivative":
+            raise InputError(f"{desc_path}: not a BIDS derivatives dataset (DatasetType is "
+                             f"{desc.get('DatasetType')!r}); choose an empty folder or a derivatives dataset")
 
 
 _PROTOCOL_KEYS = ("InversionTime", "RepetitionTime", "EchoTime", "EchoTrainLength",

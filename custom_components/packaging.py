@@ -41,6 +41,26 @@ LOOSE_VERSION_RE = re.compile(r"^\d+(\.\d+)*([a-z0-9.+-]*)$")
 HASH_KEY = "qmri_content_sha256"
 PACKED_TOP = ("configs", "models", "docs", "LICENSE")
 EXCLUDED_NAMES = ("__pycache__", ".DS_Store")
+MAX_UNPACKED_BYTES = 2 * 1024 ** 3  # a shared bundle's files, uncompressed (the compact bundles: a few MB)
+
+
+def _excluded(rel: Path | PurePosixPath) -> bool:
+    """Files that are never part of a bundle's content: caches, training checkpoints (optimizer state,
+    written beside the weights by a local training), temporary files of interrupted writes."""
+    name = rel.name
+    return (any(part in EXCLUDED_NAMES for part in rel.parts) or name.startswith("checkpoint_last")
+            or name.endswith(".tmp") or name.startswith("."))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _public(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a file made by tempfile (mode 0600, folders 0700) the mode an ordinary write would have."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 class BundleError(InputError):
@@ -114,7 +134,7 @@ def _content_files(bundle_dir: Path) -> list[Path]:
     files = [p for p in sorted((bundle_dir / "configs").glob("*")) if p.is_file() and p.name != "metadata.json"]
     if (bundle_dir / "models").is_dir():
         files += [p for p in sorted((bundle_dir / "models").rglob("*")) if p.is_file()
-                  and not any(part in EXCLUDED_NAMES for part in p.parts)]
+                  and not _excluded(p.relative_to(bundle_dir))]
     return files
 
 
@@ -149,6 +169,7 @@ def _write_json_atomic(path: Path, data: Mapping) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=4, ensure_ascii=False)
             f.write("\n")
+        _public(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -200,7 +221,7 @@ def _packed_files(root: Path) -> list[Path]:
             files.append(p)
         elif p.is_dir():
             for q in sorted(p.rglob("*")):
-                if any(part in EXCLUDED_NAMES for part in q.relative_to(root).parts):
+                if _excluded(q.relative_to(root)):
                     continue
                 if q.is_symlink():
                     raise BundleError(f"{q}: symbolic links are not packed")
@@ -235,6 +256,7 @@ def pack_bundle(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, name:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
             for p in _packed_files(root):
                 z.write(p, f"{name}/{p.relative_to(root).as_posix()}")
+        _public(tmp)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -277,6 +299,20 @@ def unpack_bundle(zip_path: str | os.PathLike, bundle_dir: str | os.PathLike, ov
         members = [(info, _safe_member(info, base)) for info in infos]
         if not any(p.parts[1:] == ("configs", "metadata.json") for _, p in members):
             raise BundleError(f"{zp}: not a bundle zip (no {base}/configs/metadata.json)")
+        files = {p.parts[1:] for info, p in members if not info.is_dir() and len(p.parts) > 1}
+        seen = set()
+        for info, p in members:
+            rel = p.parts[1:]
+            if not info.is_dir() and (not rel or rel in seen):
+                raise BundleError(f"{zp}: {'repeated' if rel else 'a file as the base folder'} entry in bundle zip: "
+                                  f"{info.filename!r}")
+            seen.add(rel)
+            if any(rel[:k] in files for k in range(1, len(rel))):
+                raise BundleError(f"{zp}: bundle zip entry {info.filename!r} lies under a file of the same zip")
+        total = sum(info.file_size for info in infos)
+        if total > MAX_UNPACKED_BYTES:
+            raise BundleError(f"{zp}: bundle zip would unpack to {total / 1024 ** 3:.1f} GB, above the limit of "
+                              f"{MAX_UNPACKED_BYTES / 1024 ** 3:.0f} GB")
         dest_root = Path(bundle_dir)
         dest_root.mkdir(parents=True, exist_ok=True)
         final = dest_root / base
@@ -292,9 +328,19 @@ def unpack_bundle(zip_path: str | os.PathLike, bundle_dir: str | os.PathLike, ov
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with z.open(info) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            _public(tmp, directory=True)
+            backup = None
+            if final.exists():  # moved aside, not deleted, until the new bundle is in place
+                backup = Path(tempfile.mkdtemp(dir=dest_root, prefix=f".{base}.old.")) / base
+                os.replace(final, backup)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                if backup is not None:
+                    os.replace(backup, final)
+                raise
+            if backup is not None:
+                shutil.rmtree(backup.parent, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -147,7 +147,7 @@ def check_same_inversion_times(expected: Protocol, given: Protocol, where: str =
     if expected.n_images != given.n_images or not np.allclose(expected.tis, given.tis, rtol=0.02, atol=1e-3):
         raise ProtocolError(f"the model was trained for TIs {[round(t, 4) for t in expected.inversion_times_s]} s, "
                             f"{where} has {[round(t, 4) for t in given.inversion_times_s]} s; train a model for this "
-                            "protocol (bundles/diffusor/docs/README.md: 'another protocol')")
+                            "protocol (training with --protocol and --n_images: README.md, 'MONAI bundles')")
 
 
 def check_same_timing(expected: Protocol, given: Protocol, where: str = "the input") -> None:
@@ -167,7 +167,7 @@ def check_same_timing(expected: Protocol, given: Protocol, where: str = "the inp
             tr = [round(float(t), 3) for t in tr]
             return f"{tr[0]}" if len(set(tr)) == 1 else str(tr)
         raise ProtocolError(f"the model was trained for TR {fmt(e)} s, {where} has TR {fmt(g)} s; train a model "
-                            "for this protocol (bundles/diffusor/docs/README.md: 'another protocol')")
+                            "for this protocol (training with --protocol and --n_images: README.md, 'MONAI bundles')")
 
 
 def paper_protocol() -> Protocol:

@@ -79,6 +79,33 @@ def attach_checkpointing(trainer, ckpt_dir: str, objects: dict, resume: bool = T
     return False
 
 
+class KeyMetricState:
+    """The best-validation bookkeeping of a training, saved in ``checkpoint_last.pt`` beside the
+    networks: the evaluator's best metric and epoch, and the key-metric CheckpointSaver's list of
+    saved scores. Without it a resumed run forgets its best score, and its first validation, however
+    much worse, would overwrite the best weights (``<model_name>.pt``).
+
+    ``handlers``: the evaluator's handlers (``@validate#handlers``); the CheckpointSaver that saves
+    on the key metric is found among them."""
+
+    def __init__(self, evaluator, handlers):
+        self.evaluator = evaluator
+        savers = [h for h in handlers if getattr(h, "_key_metric_checkpoint", None) is not None]
+        self.saver = savers[0] if savers else None
+
+    def state_dict(self) -> dict:
+        st = self.evaluator.state
+        saved = self.saver._key_metric_checkpoint.state_dict()["_saved"] if self.saver is not None else []
+        return {"best_metric": float(st.best_metric), "best_metric_epoch": int(st.best_metric_epoch),
+                "saved": [[float(priority), str(name)] for priority, name in saved]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.evaluator.state.best_metric = float(state["best_metric"])
+        self.evaluator.state.best_metric_epoch = int(state["best_metric_epoch"])
+        if self.saver is not None:
+            self.saver.load_state_dict({"_saved": [(float(p), str(n)) for p, n in state["saved"]]})
+
+
 def cosine_learning_rate(epoch_progress: float, learning_rate: float, final_learning_rate: float,
                          decay_start_epoch: float, max_epochs: float) -> float:
     """Learning rate at a (fractional) epoch: constant ``learning_rate`` until ``decay_start_epoch``,
@@ -134,9 +161,23 @@ def init_from_weights(path: str | None, *networks: torch.nn.Module, input_layout
     ``input_layout = (n_lead, n_images, n_tail)`` allows a warm start across protocols: the network's
     input channels are ``n_lead`` channels (the noisy maps), then one channel per inversion time, then
     ``n_tail`` (the classical fit). A weight that differs from the file's only in its input-channel
-    axis is adapted by :func:`adapt_input_channels`; every other tensor must match exactly."""
+    axis is adapted by :func:`adapt_input_channels`; every other tensor must match exactly. The file's
+    own layout comes from its weights card (``n_images``, ``fit_condition``); weights whose condition
+    channels differ from the network's (images only against images + fit) are refused, since their
+    channels cannot be matched. Without a card the file is taken to have the network's tail."""
     if not path:
         return False
+    from .io import InputError
+
+    card = None
+    if input_layout is not None:
+        card = read_weights_card(path)
+        if card is not None and "fit_condition" in card:
+            if (3 if _as_bool(card["fit_condition"]) else 0) != int(input_layout[2]):
+                raise InputError(f"{path}: --init_from weights were trained with fit_condition="
+                                 f"{_as_bool(card['fit_condition'])}, this network has fit_condition="
+                                 f"{bool(input_layout[2])}; their condition channels differ, so they cannot "
+                                 "warm-start it")
     for net in networks:
         if input_layout is None:
             load_weights(net, path)
@@ -147,6 +188,10 @@ def init_from_weights(path: str | None, *networks: torch.nn.Module, input_layout
             for name, value in state.items():
                 if name in target and value.ndim >= 2 and value.shape != target[name].shape \
                         and value.shape[0] == target[name].shape[0] and value.shape[2:] == target[name].shape[2:]:
+                    if card is not None and "n_images" in card and \
+                            value.shape[1] != int(input_layout[0]) + int(card["n_images"]) + int(input_layout[2]):
+                        raise InputError(f"{path}: {name} has {value.shape[1]} input channels, not the "
+                                         f"{input_layout[0]} + {card['n_images']} + {input_layout[2]} its card implies")
                     state[name] = adapt_input_channels(value, *input_layout)
                     adapted.append(name)
             net.load_state_dict(state)

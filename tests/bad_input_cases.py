@@ -59,7 +59,8 @@ class Evil:
         return (Path.touch, (Path(self.target),))
 
 
-def _dicom(path: Path, pixels: np.ndarray, ti_ms: float, series_uid: str, tr_ms: float = 1000.0) -> None:
+def _dicom(path: Path, pixels: np.ndarray, ti_ms: float, series_uid: str, tr_ms: float = 1000.0,
+           te_ms: float = 10.0) -> None:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
@@ -72,7 +73,7 @@ def _dicom(path: Path, pixels: np.ndarray, ti_ms: float, series_uid: str, tr_ms:
     ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = MRImageStorage, meta.MediaStorageSOPInstanceUID, "MR"
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = "1.2.3", series_uid, "1.2.3.4"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
-    ds.InversionTime, ds.RepetitionTime, ds.EchoTime, ds.EchoTrainLength = f"{ti_ms:g}", f"{tr_ms:g}", "10", 1
+    ds.InversionTime, ds.RepetitionTime, ds.EchoTime, ds.EchoTrainLength = f"{ti_ms:g}", f"{tr_ms:g}", f"{te_ms:g}", 1
     ds.MagneticFieldStrength, ds.SliceThickness = "1.5", "4"
     ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing = [0, 0, 0], [1, 0, 0, 0, 1, 0], [1, 1]
     ds.RescaleSlope, ds.RescaleIntercept = "1", "0"
@@ -178,6 +179,17 @@ def dicom_mixing_protocols(d):
         _dicom(folder / f"a{i}.dcm", rng.integers(100, 900, (8, 8)), ti, "1.2.3.1", tr_ms=1000)
     for i, ti in enumerate((50, 100, 200, 400, 800)):
         _dicom(folder / f"b{i}.dcm", rng.integers(100, 900, (8, 8)), ti, "1.2.3.2", tr_ms=3000)
+    return ["map", str(folder), "--out", str(d / OUT), "--quiet"]
+
+
+def dicom_mixing_echo_times(d):
+    # one series per TI is normal (the Siemens NIST scans; their TR even grows with TI), but images
+    # of one IR series must share matrix, geometry, echo time, field and image type
+    folder = d / "dicom"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, ti in enumerate((50, 100, 200, 400, 800)):
+        _dicom(folder / f"s{i}.dcm", rng.integers(100, 900, (8, 8)), ti, f"1.2.3.{i}", te_ms=10 if i < 3 else 80)
     return ["map", str(folder), "--out", str(d / OUT), "--quiet"]
 
 
@@ -293,8 +305,10 @@ CASES = [
     Case("constant_image", "one image constant", constant_image, "is constant"),
     Case("three_d_instead_of_four_d", "a 3D image where a 4D series is expected", three_d_instead_of_four_d,
          "expected 4D"),
-    Case("dicom_mixing_protocols", "a DICOM folder holding two series with different TR", dicom_mixing_protocols,
-         "series"),
+    Case("dicom_mixing_protocols", "a DICOM folder holding two series of the same TIs (TR 1 s and 3 s)",
+         dicom_mixing_protocols, "mixed or repeated series"),
+    Case("dicom_mixing_echo_times", "a DICOM folder of one series per TI whose echo time changes (10 and 80 ms)",
+         dicom_mixing_echo_times, "EchoTime"),
     Case("truncated_nifti", "a NIfTI cut in half", truncated_nifti, "cannot read NIfTI"),
     Case("not_an_image", "a text file named scan.nii.gz", not_an_image, "cannot read NIfTI"),
     Case("sidecar_not_json", "a sidecar that is not valid JSON", sidecar_not_json, "invalid JSON"),
@@ -305,9 +319,9 @@ CASES = [
          output_would_overwrite_the_input, "overwrite an input file"),
     Case("mask_shape_differs", "a mask of another matrix", mask_shape_differs, "mask"),
     Case("weights_with_hidden_code", "weights: a pickle whose unpickling would create a file",
-         weights_with_hidden_code, "weights"),
+         weights_with_hidden_code, "refused: the file holds Python objects"),
     Case("weights_in_a_torch_zip_with_hidden_code", "weights: torch.save of an object that runs code when loaded",
-         weights_in_a_torch_zip_with_hidden_code, "weights"),
+         weights_in_a_torch_zip_with_hidden_code, "refused: the file holds Python objects"),
     Case("weights_of_another_network", "weights whose tensors belong to another network", weights_of_another_network,
          "weights"),
     Case("weights_file_missing", "--weights pointing nowhere", weights_file_missing, "nowhere.pt"),

@@ -1,6 +1,7 @@
 """BIDS in and out: an IRT1 collection from a BIDS dataset mapped into a BIDS derivatives dataset."""
 
 import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -86,3 +87,24 @@ def test_bids_output_of_a_plain_nifti_needs_a_subject(tmp_path, capsys):
     with pytest.raises(InputError, match="letters and digits"):
         save_bids_derivatives(tmp_path / "e", {"T1map": np.ones((2, 2, 1))}, np.eye(4), {}, subject="a_b",
                               method="mle", version="1")
+
+
+def test_bad_bids_labels_and_targets_fail_before_any_mapping(tmp_path, capsys, monkeypatch):
+    import custom_components.mapping as mapping
+    from custom_components.io import save_series
+
+    def no_mapping(*a, **k):
+        raise AssertionError("mapped although the BIDS target was refused")
+
+    p = nist_15t_protocol()
+    params = np.stack([np.linspace(0.3, 1.5, 36).reshape(6, 6, 1), np.full((6, 6, 1), 50.0), np.full((6, 6, 1), 2.0)])
+    save_series(tmp_path / "scan.nii.gz", signal(params, p).numpy().transpose(1, 2, 3, 0), np.eye(4), p)
+    monkeypatch.setattr(mapping, "map_series", no_mapping)
+    assert main(["map", str(tmp_path / "scan.nii.gz"), "--out", str(tmp_path / "d"), "--bids", "--subject", "a_b",
+                 "--quiet"]) == 2
+    assert "subject label must be letters and digits" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.9.0", "DatasetType": "raw"}')
+    assert main(["map", str(tmp_path / "scan.nii.gz"), "--out", str(raw), "--bids", "--subject", "01", "--quiet"]) == 2
+    assert "not a BIDS derivatives dataset" in capsys.readouterr().err and sorted(os.listdir(raw)) == ["dataset_description.json"]

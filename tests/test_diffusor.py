@@ -299,6 +299,24 @@ def test_init_from_weights_across_protocols(tmp_path):
     torch.testing.assert_close(f_old(x_old), f_new(x_new), rtol=1e-5, atol=1e-5)
 
 
+def test_init_from_weights_refuses_another_condition_variant(tmp_path):
+    """Images-only weights (3 + 7 input channels) cannot warm-start a fit-conditioned network (3 + 7 + 3):
+    without the card the channel count alone would map TIs onto the fit channels."""
+    from custom_components.io import InputError
+    from custom_components.networks import diffusion_unet
+    from custom_components.training import init_from_weights, write_weights_card
+
+    old = diffusion_unet("tiny", n_images=7, fit_condition=False)
+    torch.save(old.state_dict(), tmp_path / "w.pt")
+    write_weights_card(tmp_path / "w.json", method="diffusor", protocol="paper", n_images=7, network_preset="tiny",
+                       fit_condition=False)
+    new = diffusion_unet("tiny", n_images=7, fit_condition=True)
+    before = {k: v.clone() for k, v in new.state_dict().items()}
+    with pytest.raises(InputError, match="fit_condition=False, this network has fit_condition=True"):
+        init_from_weights(str(tmp_path / "w.pt"), new, input_layout=(3, 7, 3))
+    assert all(torch.equal(before[k], v) for k, v in new.state_dict().items())  # untouched
+
+
 def test_mapper_detects_fit_conditioned_weights(trained_tiny, tmp_path):
     from custom_components.learned import DiffusorMapper
     from custom_components.networks import diffusion_unet

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,6 +20,8 @@ ARGS = ["--network_preset", "tiny", "--n_train_slices", "32", "--n_val_slices", 
         "--synthesis#matrix", "[64, 64]", "--max_epochs", "3", "--progress_bar", "False",
         "--train#handlers#1#iteration_log", "1"]
 LINE = re.compile(r"Epoch: (\d+)/3, Iter: (\d+)/(\d+) -- train_loss: (\S+)")
+VAL = re.compile(r"Epoch\[(\d+)\] Metrics -- .*?val_t1_mape: (\S+)")
+BEST = re.compile(r"Key metric: val_t1_mape best value: (\S+) at epoch: (\d+)")
 
 
 def _bundle(tmp_path, name):
@@ -56,7 +59,9 @@ def test_killed_run_resumes_to_the_same_step_count_and_runs_are_reproducible(tmp
     p = subprocess.Popen(_cmd(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
     killed_at = None
+    before_kill = []
     for line in p.stdout:
+        before_kill.append(line)
         m = LINE.search(line)
         if m and int(m.group(1)) == 2 and int(m.group(2)) == 2:
             p.send_signal(signal.SIGKILL)
@@ -77,3 +82,13 @@ def test_killed_run_resumes_to_the_same_step_count_and_runs_are_reproducible(tmp
     assert final["iteration"] == 3 * n_per_epoch == len(curve_a)
     assert sorted(x.name for x in models.iterdir()) == ["checkpoint_last.pt", "model.json", "model.pt"]
     assert json.loads((models / "model.json").read_text())["method"] == "resnet"
+
+    # the best validation survives the kill: model.pt is the best of all three epochs, not the best
+    # of the epochs after the resume
+    val = {int(e): float(v) for e, v in VAL.findall("".join(before_kill) + c)}
+    assert sorted(val) == [1, 2, 3]
+    best_epoch = min(val, key=val.get)
+    final_best = BEST.findall(c)[-1]
+    assert float(final_best[0]) == pytest.approx(val[best_epoch], abs=1e-4) and int(final_best[1]) == best_epoch
+    best = torch.load(models / "checkpoint_last.pt", weights_only=True)["best"]
+    assert best["best_metric_epoch"] == best_epoch and len(best["saved"]) == 1

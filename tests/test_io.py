@@ -646,3 +646,14 @@ def _median_ir_residual(images: np.ndarray, tis: np.ndarray) -> float:
         residuals.append(float(rms.min() / curve.max()))
     assert len(residuals) >= 8, f"found only {len(residuals)} spheres"
     return float(np.median(residuals))
+
+
+@pytest.mark.parametrize("value", ["inf", "-1", "0", "nan", "lots"])
+def test_input_size_limit_must_be_a_positive_number(monkeypatch, value):
+    from custom_components.io import InputError, max_input_bytes
+
+    monkeypatch.setenv("QMRI_MAX_INPUT_GB", value)
+    with pytest.raises(InputError, match="QMRI_MAX_INPUT_GB must be a positive number of GB"):
+        max_input_bytes()
+    monkeypatch.setenv("QMRI_MAX_INPUT_GB", "0.5")
+    assert max_input_bytes() == 500_000_000

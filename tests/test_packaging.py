@@ -169,3 +169,53 @@ def test_monai_download_refuses_a_path_traversal_entry(tmp_path):
                        timeout=300, env={**os.environ})
     assert r.returncode != 0 and "Unsafe path" in r.stderr
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "dl" / "escaped.txt").exists()
+
+
+@pytest.mark.parametrize("entries, message", [
+    ([("b/models", "a file"), ("b/models/model.pt", "x")], "lies under a file"),
+    ([("b/models/model.pt", "x"), ("b/models/model.pt", "y")], "repeated entry"),
+    ([("b", "a file as the base folder")], "a file as the base folder"),
+])
+def test_unpack_refuses_conflicting_entries_with_one_line(tmp_path, entries, message, capsys):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name it is asked to write
+        z = _zip(tmp_path / "b.zip", [("b/configs/metadata.json", "{}"), *entries])
+    assert main(["unpack", str(z), "--bundle_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_unpack_refuses_a_zip_bomb_before_writing(tmp_path, monkeypatch):
+    import custom_components.packaging as packaging
+
+    z = _zip(tmp_path / "b.zip", [("b/configs/metadata.json", "{}"), ("b/models/model.pt", b"\0" * 4096)])
+    monkeypatch.setattr(packaging, "MAX_UNPACKED_BYTES", 1024)
+    with pytest.raises(BundleError, match="would unpack to"):
+        unpack_bundle(z, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_checkpoints_are_neither_hashed_nor_packed_and_outputs_are_readable(tmp_path):
+    """A local training leaves checkpoint_last*.pt (and interrupted writes leave .tmp files) beside the
+    weights: the release stays current and the zip does not carry them. What release/pack/unpack write
+    has the mode of an ordinary file (tempfile alone would leave 0600 / 0700)."""
+    import stat
+
+    root = _copy_bundle("rim", tmp_path)
+    before = content_sha256(root)
+    (root / "models" / "checkpoint_last.pt").write_bytes(b"optimizer state")
+    (root / "models" / "checkpoint_last_model_nist15.pt").write_bytes(b"optimizer state")
+    (root / "models" / ".model.pt.abc.tmp").write_bytes(b"half written")
+    assert content_sha256(root) == before and release_problems(root) == []
+    z = pack_bundle(root, tmp_path / "dist")
+    assert not any("checkpoint" in n or n.endswith(".tmp") for n in zipfile.ZipFile(z).namelist())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(z.stat().st_mode) == 0o666 & ~umask
+    out = unpack_bundle(z, tmp_path / "shared")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    release(root, "9.0.0", "a test release", None)
+    assert stat.S_IMODE((root / "configs" / "metadata.json").stat().st_mode) == 0o666 & ~umask
