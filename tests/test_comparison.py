@@ -71,7 +71,12 @@ def test_weights_for_protocol_reads_the_shipped_cards():
     assert weights_for_protocol("diffusor", get_protocol("paper")).name == "model.pt"
     assert weights_for_protocol("diffusor", get_protocol("paper"), fit_condition=True).name == "model_fitcond.pt"
     assert weights_for_protocol("resnet", get_protocol("paper")).name == "model.pt"
-    assert weights_for_protocol("resnet", get_protocol("nist15")) is None  # no model for the real scans' protocol yet
+    # the real scans' protocols: TR 1 s (GE, Philips) and the Siemens scans' variable TR are different models
+    assert weights_for_protocol("resnet", get_protocol("nist15")).name == "model_nist15.pt"
+    assert weights_for_protocol("resnet", get_protocol("nist15_variable_tr")).name == "model_nist15_variable_tr.pt"
+    assert weights_for_protocol("diffusor", get_protocol("nist15"), fit_condition=True).name == "model_fitcond_nist15.pt"
+    assert weights_for_protocol("diffusor", get_protocol("nist15")) is None  # images-only variant: not trained
+    assert weights_for_protocol("diffusor", get_protocol("nist15_variable_tr"), fit_condition=True) is None
 
 
 def test_real_scan_sphere_tables_and_timing_text():
