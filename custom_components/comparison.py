@@ -380,8 +380,10 @@ def real_scan_markdown(data_dir: Path, specs: list[MethodSpec]) -> list[str]:
                "per model makes them, and this report then runs them (it finds them by their weights cards): "
                "`python -m monai.bundle run training --config_file bundles/<method>/configs/train.json "
                "--bundle_root bundles/<method> --protocol nist15 --n_images 6 --model_name model_nist15` (TR 1 s; "
-               "`--protocol nist15_variable_tr` for the Siemens scans' TR; for the fit-conditioned Diffusor add "
-               "`--fit_condition True --fit_residual True --model_name model_fitcond_nist15`).", ""]
+               "for the Siemens scans' TR `--protocol nist15_variable_tr --model_name model_nist15_variable_tr`; "
+               "for the fit-conditioned Diffusor add `--fit_condition True --fit_residual True` and a "
+               "`model_fitcond_` name). The bundles' docs/README.md record the commands and budgets used for the "
+               "shipped ones.", ""]
     return md + ["### Sphere by sphere", "", real_scan_sphere_tables(details)]
 
 
