@@ -286,13 +286,37 @@ class QMRI:
         print("\n".join(lines))
 
 
+#: Flags whose values are labels, never numbers: fire would read ``--subject 0x1F`` as 31 and ``1e3`` as 1000.0.
+_STRING_FLAGS = ("--subject", "--session")
+
+
+def _quote_labels(argv: list[str]) -> list[str]:
+    """Pass the values of :data:`_STRING_FLAGS` to fire as Python string literals, so they stay verbatim."""
+    out, quote_next = [], False
+    for a in argv:
+        if quote_next:
+            out.append(repr(a))
+            quote_next = False
+            continue
+        flag, eq, val = a.partition("=")
+        if flag in _STRING_FLAGS:
+            if eq:
+                out.append(f"{flag}={val!r}")
+            else:
+                out.append(a)
+                quote_next = True
+            continue
+        out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     import fire
 
     from .io import InputError
     from .protocol import ProtocolError
 
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _quote_labels(sys.argv[1:] if argv is None else list(argv))
     try:
         fire.Fire(QMRI(), command=argv, name="qmri")
     except (InputError, ProtocolError, ValueError, OSError, json.JSONDecodeError) as e:

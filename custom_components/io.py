@@ -1059,6 +1059,9 @@ BIDS_MAP_NAMES = {"T1map": ("T1map", ""), "PDmap": ("PDmap", ""), "InvEffmap": (
                   "Residualmap": ("Residualmap", ""), "ResidualFlag": ("ResidualFlag", ""),
                   "T1map_std": ("T1map", "Std"), "PDmap_std": ("PDmap", "Std"), "InvEffmap_std": ("InvEffmap", "Std")}
 BIDS_VERSION = "1.10.0"
+#: Suffixes BIDS does not define (inversion efficiency, fit residual, consistency flag), listed in the
+#: derivatives dataset's ``.bidsignore`` so that the BIDS validator passes over them.
+BIDS_IGNORE_PATTERNS = ("*_InvEffmap.*", "*_Residualmap.*", "*_ResidualFlag.*")
 _BIDS_LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 
 
@@ -1092,19 +1095,21 @@ def save_bids_derivatives(root: str | os.PathLike, maps: Mapping[str, Any], affi
     prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "")
     folder = out / f"sub-{subject}" / (f"ses-{session}" if session else "") / "anat"
     folder = Path(os.path.normpath(folder))
-    sources = [str(s) for s in sources]
+    desc_path = out / "dataset_description.json"
+    desc = _read_json(desc_path) if desc_path.exists() else {}
+    links = dict(desc.get("DatasetLinks", {}))
+    uris, others = _bids_source_uris(sources, links)
+    provenance = ({"Sources": uris} if uris else {}) | ({"qMRISourceFiles": others} if others else {})
     names = {stem: f"{prefix}_desc-{method}{BIDS_MAP_NAMES[stem][1]}_{BIDS_MAP_NAMES[stem][0]}" for stem in maps}
     bmaps = {names[k]: v for k, v in maps.items()}
-    bside = {names[k]: {**dict(v), "Sources": sources} for k, v in (sidecars or {}).items()}
+    bside = {names[k]: {**dict(v), **provenance} for k, v in (sidecars or {}).items()}
     existing = [folder / f"{n}{ext}" for n in bmaps for ext in (".nii.gz", ".json") if (folder / f"{n}{ext}").exists()]
     if existing and not overwrite:
         raise InputError(f"{existing[0]}: exists; pass --overwrite")
 
-    desc_path = out / "dataset_description.json"
     generated = {"Name": "qmri-diffusor", "Version": version,
                  "Description": f"T1, PD and inversion-efficiency maps from inversion-recovery images ({method})"}
-    if desc_path.exists():
-        desc = _read_json(desc_path)
+    if desc:
         gen = list(desc.get("GeneratedBy", []))
         if not any(isinstance(g, dict) and all(g.get(k) == generated[k] for k in ("Name", "Version", "Description"))
                    for g in gen):
@@ -1112,11 +1117,37 @@ def save_bids_derivatives(root: str | os.PathLike, maps: Mapping[str, Any], affi
     else:
         desc = {"Name": "qMRI Diffusor maps", "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
                 "GeneratedBy": [generated]}
+    if links:
+        desc["DatasetLinks"] = links
+    ignore_path = out / ".bidsignore"
+    ignored = ignore_path.read_text().splitlines() if ignore_path.exists() else []
+    ignored += [pat for pat in BIDS_IGNORE_PATTERNS if pat not in ignored]
     # the description first: maps are never left in a folder that does not say what made them
     out.mkdir(parents=True, exist_ok=True)
-    _write_files_atomically([(desc_path, lambda t: t.write_text(_json_text(desc, str(desc_path))))], str(desc_path))
+    _write_files_atomically([(desc_path, lambda t: t.write_text(_json_text(desc, str(desc_path)))),
+                             (ignore_path, lambda t: t.write_text("\n".join(ignored) + "\n"))], str(desc_path))
     written = save_maps(folder, bmaps, affine, bside, overwrite=True, protect=protect)
     return {stem: written[names[stem]] for stem in maps}
+
+
+def _bids_source_uris(sources: Iterable[str | os.PathLike], links: dict) -> tuple[list[str], list[str]]:
+    """BIDS URIs (``bids:<dataset>:<path>``) of the inputs that lie in a BIDS dataset (a folder above
+    them holds dataset_description.json), adding that dataset to ``links`` (DatasetLinks: name -> file
+    URI; ``raw``, ``raw2``, ...); the other inputs come back as plain paths (``qMRISourceFiles``)."""
+    uris, others = [], []
+    for src in sources:
+        path = Path(src).expanduser().resolve()
+        root = next((d for d in path.parents if (d / "dataset_description.json").is_file()), None)
+        if root is None:
+            others.append(str(src))
+            continue
+        uri = root.as_uri()
+        name = next((k for k, v in links.items() if v == uri), None)
+        if name is None:
+            name = next(n for n in ("raw", *(f"raw{i}" for i in range(2, 10 ** 6))) if n not in links)
+            links[name] = uri
+        uris.append(f"bids:{name}:{path.relative_to(root).as_posix()}")
+    return uris, others
 
 
 def check_bids_target(root: str | os.PathLike, subject: str | None, session: str | None, method: str) -> None:

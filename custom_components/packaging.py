@@ -281,7 +281,9 @@ def _safe_member(info: zipfile.ZipInfo, base: str) -> PurePosixPath:
 def unpack_bundle(zip_path: str | os.PathLike, bundle_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Extract a bundle zip into ``bundle_dir/<name>`` all or nothing: every entry is checked first
     (no absolute paths, no ``..``, no links, all inside the one base folder), then the files are
-    written into a temporary folder that is renamed into place. Returns the bundle folder."""
+    written into a temporary folder that is renamed into place, but only if its configs and weights
+    still hash to the ``qmri_content_sha256`` its release recorded (an integrity check against damage or
+    edits after release, not a signature). Returns the bundle folder."""
     zp = Path(zip_path)
     try:
         z = zipfile.ZipFile(zp)
@@ -328,6 +330,11 @@ def unpack_bundle(zip_path: str | os.PathLike, bundle_dir: str | os.PathLike, ov
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with z.open(info) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst)
+            recorded = read_metadata(tmp).get(HASH_KEY)
+            if recorded is not None and recorded != content_sha256(tmp):
+                raise BundleError(f"{zp}: configs or weights differ from those its version "
+                                  f"{read_metadata(tmp).get('version')} was released with (damaged or altered); "
+                                  "not unpacked")
             _public(tmp, directory=True)
             backup = None
             if final.exists():  # moved aside, not deleted, until the new bundle is in place

@@ -46,7 +46,12 @@ def test_map_a_bids_irt1_collection_into_a_bids_derivatives_dataset(tmp_path, ca
     np.testing.assert_allclose(t1[4:], 0.3, rtol=1e-2)
     side = json.loads((out / "sub-07_desc-mle_T1map.json").read_text())
     assert side["Units"] == "s" and side["Method"] == "mle" and side["Software"]["Version"] == __version__
-    assert len(side["Sources"]) == 12 and all("sub-07_inv-" in s for s in side["Sources"])
+    # provenance as BIDS URIs into the raw dataset, linked from the description
+    assert desc["DatasetLinks"] == {"raw": (tmp_path / "raw").resolve().as_uri()}
+    assert len(side["Sources"]) == 12 and "qMRISourceFiles" not in side
+    assert all(s.startswith("bids:raw:sub-07/anat/sub-07_inv-") for s in side["Sources"])
+    # the tool's own suffixes are declared to the BIDS validator
+    assert set((deriv / ".bidsignore").read_text().split()) == {"*_InvEffmap.*", "*_Residualmap.*", "*_ResidualFlag.*"}
     for name in ("PDmap", "InvEffmap", "Residualmap", "ResidualFlag"):
         assert (out / f"sub-07_desc-mle_{name}.nii.gz").is_file() and (out / f"sub-07_desc-mle_{name}.json").is_file()
     # the same maps as the plain output
@@ -84,6 +89,10 @@ def test_bids_output_of_a_plain_nifti_needs_a_subject(tmp_path, capsys):
     assert main(["map", str(tmp_path / "scan.nii.gz"), "--out", str(tmp_path / "d"), "--bids", "--subject", "p1",
                  "--session", "2", "--sigma", "1", "--quiet"]) == 0
     assert (tmp_path / "d" / "sub-p1" / "ses-2" / "anat" / "sub-p1_ses-2_desc-mle_T1map.nii.gz").is_file()
+    side = json.loads((tmp_path / "d" / "sub-p1" / "ses-2" / "anat" / "sub-p1_ses-2_desc-mle_T1map.json").read_text())
+    # an input outside any BIDS dataset has no BIDS URI: its path is kept under the tool's own key
+    assert "Sources" not in side and side["qMRISourceFiles"][0] == str(tmp_path / "scan.nii.gz")
+    assert "DatasetLinks" not in json.loads((tmp_path / "d" / "dataset_description.json").read_text())
     with pytest.raises(InputError, match="letters and digits"):
         save_bids_derivatives(tmp_path / "e", {"T1map": np.ones((2, 2, 1))}, np.eye(4), {}, subject="a_b",
                               method="mle", version="1")
@@ -108,3 +117,18 @@ def test_bad_bids_labels_and_targets_fail_before_any_mapping(tmp_path, capsys, m
     (raw / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.9.0", "DatasetType": "raw"}')
     assert main(["map", str(tmp_path / "scan.nii.gz"), "--out", str(raw), "--bids", "--subject", "01", "--quiet"]) == 2
     assert "not a BIDS derivatives dataset" in capsys.readouterr().err and sorted(os.listdir(raw)) == ["dataset_description.json"]
+
+
+def test_numeric_looking_labels_stay_verbatim(tmp_path):
+    """fire reads '0x1F' as 31 and '1e3' as 1000.0; a BIDS label must reach the file name unchanged."""
+    from custom_components.cli import _quote_labels
+    from custom_components.io import save_series
+
+    assert _quote_labels(["map", "x", "--subject", "0x1F", "--session=1e3", "--sigma", "1"]) == \
+        ["map", "x", "--subject", "'0x1F'", "--session='1e3'", "--sigma", "1"]
+    p = nist_15t_protocol()
+    params = np.stack([np.linspace(0.3, 1.5, 36).reshape(6, 6, 1), np.full((6, 6, 1), 50.0), np.full((6, 6, 1), 2.0)])
+    save_series(tmp_path / "scan.nii.gz", signal(params, p).numpy().transpose(1, 2, 3, 0), np.eye(4), p)
+    assert main(["map", str(tmp_path / "scan.nii.gz"), "--out", str(tmp_path / "d"), "--bids", "--subject", "0x1F",
+                 "--session=007", "--sigma", "1", "--quiet"]) == 0
+    assert (tmp_path / "d" / "sub-0x1F" / "ses-007" / "anat" / "sub-0x1F_ses-007_desc-mle_T1map.nii.gz").is_file()

@@ -32,7 +32,9 @@ def test_torchrun_two_ranks_train_together_and_only_rank0_writes(tmp_path):
     configs = json.dumps([str(root / "configs" / "train.json"), str(root / "configs" / "multi_gpu_train.json")])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "monai.bundle", "run", "training", "--config_file", configs,
-           "--bundle_root", str(root), "--max_epochs", "2", *TINY]
+           "--bundle_root", str(root), "--max_epochs", "2", *TINY,
+           # each process gets its own output folder (torchrun sets RANK): a file written by rank 1 would show
+           "--ckpt_dir", f"$os.path.join({str(root / 'models')!r}, 'rank' + os.environ['RANK'])"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
                        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     log = r.stdout + r.stderr
@@ -47,8 +49,9 @@ def test_torchrun_two_ranks_train_together_and_only_rank0_writes(tmp_path):
     # DDP: gradients averaged, so both ranks end with the same weights
     assert float(found[0].group(5)) == pytest.approx(float(found[1].group(5)), rel=1e-6)
     # one writer: one checkpoint, one best model and its card; the model is rank 0's network
-    models = root / "models"
+    models = root / "models" / "rank0"
     assert sorted(p.name for p in models.iterdir()) == ["checkpoint_last.pt", "model.json", "model.pt"]
+    assert [p for p in (root / "models").rglob("*") if p.is_file() and "rank0" not in p.parts] == []
     state = torch.load(models / "checkpoint_last.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 2 and state["trainer"]["epoch_length"] == 1
     saved = sum(float(v.double().sum()) for k, v in state["network"].items() if "running" not in k and "num_batches" not in k)

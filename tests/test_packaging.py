@@ -219,3 +219,20 @@ def test_checkpoints_are_neither_hashed_nor_packed_and_outputs_are_readable(tmp_
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
     release(root, "9.0.0", "a test release", None)
     assert stat.S_IMODE((root / "configs" / "metadata.json").stat().st_mode) == 0o666 & ~umask
+
+
+def test_unpack_refuses_weights_altered_after_release(tmp_path, capsys):
+    """A zip whose weights no longer hash to the content hash its release recorded is not unpacked."""
+    z = pack_bundle(REPO / "bundles" / "rim", tmp_path / "dist")
+    altered = tmp_path / "altered.zip"
+    with zipfile.ZipFile(z) as src, zipfile.ZipFile(altered, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == "rim/models/model.pt":
+                data = data[:-1] + bytes([data[-1] ^ 1])  # one flipped bit
+            dst.writestr(info, data)
+    assert main(["unpack", str(altered), "--bundle_dir", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "differ from those its version" in err and err.count("\n") == 1
+    assert list((tmp_path / "b").iterdir()) == []
+    assert unpack_bundle(z, tmp_path / "b") == tmp_path / "b" / "rim"  # the released zip itself unpacks
