@@ -95,6 +95,22 @@ def test_real_scan_sphere_tables_and_timing_text():
     assert lines[5] == "| 2 | 300.0 | 330 ± 5 (+10.0 %) | 330 ± 5 (+10.0 %) |"
 
 
+def test_real_scan_verdict_compares_each_model_with_the_fit_on_the_same_scans():
+    from custom_components.comparison import real_scan_verdict
+
+    def rows(err):  # one 0.4-2 s sphere with error err (%), one outside the range that must not count
+        return [{"sphere": 1, "reference_ms": 1000.0, "mean_ms": 1000.0 * (1 + err / 100), "std_ms": 10.0,
+                 "error_percent": err, "in_vivo_range": True},
+                {"sphere": 2, "reference_ms": 50.0, "mean_ms": 100.0, "std_ms": 1.0, "error_percent": 100.0,
+                 "in_vivo_range": False}]
+
+    a, b = Path("/d/site1/plate5"), Path("/d/site2/plate5")
+    fit, net = MethodSpec("mle", "fit", "mle"), MethodSpec("resnet", "ResNet", "resnet")
+    text = real_scan_verdict([(a, fit, rows(2.0)), (b, fit, rows(-4.0)), (a, net, rows(-1.0)), (b, net, rows(10.0))])
+    assert "ResNet: 5.5 % against the fit's 3.0 % on the same 2 scan(s); better than the fit on 1 of them" in text
+    assert real_scan_verdict([(a, fit, rows(2.0))]) == ""
+
+
 def test_only_real_scans_replaces_section_4_and_keeps_the_rest(tmp_path, capsys):
     from custom_components.comparison import update_real_scan_section
 
