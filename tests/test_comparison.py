@@ -76,7 +76,9 @@ def test_weights_for_protocol_reads_the_shipped_cards():
     assert weights_for_protocol("resnet", get_protocol("nist15_variable_tr")).name == "model_nist15_variable_tr.pt"
     assert weights_for_protocol("diffusor", get_protocol("nist15"), fit_condition=True).name == "model_fitcond_nist15.pt"
     assert weights_for_protocol("diffusor", get_protocol("nist15")) is None  # images-only variant: not trained
-    assert weights_for_protocol("diffusor", get_protocol("nist15_variable_tr"), fit_condition=True) is None
+    assert weights_for_protocol("diffusor", get_protocol("nist15_variable_tr"),
+                                fit_condition=True).name == "model_fitcond_nist15_variable_tr.pt"
+    assert weights_for_protocol("diffusor", get_protocol("nist15_variable_tr")) is None
 
 
 def test_real_scan_sphere_tables_and_timing_text():
