@@ -132,20 +132,33 @@ def render(t1_s, t2_s, pd, b, protocol: Protocol, effects: Effects, generator: t
 SceneFn = Callable[[np.random.Generator, int, int, tuple[int, int]], dict]
 
 
+def _object_range(value) -> tuple[int, int]:
+    """(lo, hi) object counts, 0 <= lo <= hi, from a pair of integers."""
+    try:
+        lo, hi = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"wide_t1_objects must be two integers (lo, hi), got {value!r}") from None
+    if not 0 <= lo <= hi:
+        raise ValueError(f"wide_t1_objects must satisfy 0 <= lo <= hi, got {value!r}")
+    return lo, hi
+
+
 def brain_scene(rng: np.random.Generator, slice_index: int, realisation: int, shape: tuple[int, int],
                 wide_t1: bool = False, fov_mm: float = 250.0, deform: bool = True,
-                geometry_seed: int | None = None) -> dict:
+                geometry_seed: int | None = None, wide_t1_objects: tuple[int, int] | None = None) -> dict:
     """T1/T2/PD maps of a deformed axial slice of the embedded MNI anatomy (no download).
 
     The geometry depends only on (``geometry_seed``, ``slice_index``) so that the realisations of
     one slice share the anatomy, as in the paper (994 slices x 4 parameter realisations); the tissue
-    parameters come from ``rng``.
+    parameters come from ``rng``. ``wide_t1_objects`` (lo, hi) overrides the number of wide-T1
+    objects per slice (default :class:`custom_components.tissues.WideT1`'s (2, 6)).
     """
     from . import anatomy, tissues
 
     g = np.random.default_rng([geometry_seed if geometry_seed is not None else 0, slice_index])
     sl = anatomy.sample_slice(g, matrix=shape, fov_mm=fov_mm, deform=deform)
-    maps = tissues.sample_parameter_maps(sl["probs"], rng, wide_t1=wide_t1)
+    wide = tissues.WideT1() if wide_t1_objects is None else tissues.WideT1(n_objects=_object_range(wide_t1_objects))
+    maps = tissues.sample_parameter_maps(sl["probs"], rng, wide_t1=wide_t1, wide=wide)
     return {"T1": maps["T1"], "T2": maps["T2"], "PD": maps["PD"], "mask": maps["mask"], "tissue": sl["labels"]}
 
 
@@ -155,7 +168,8 @@ class SynthesisConfig:
 
     ``n_slices`` x ``realisations`` items (the paper: 994 x 4 = 3976). ``matrix`` is the image
     size; ``crop`` (optional) renders a random crop of that size instead of the whole slice (what
-    a training loop on CPU wants); ``wide_t1`` adds objects with T1 down to 20 ms.
+    a training loop on CPU wants); ``wide_t1`` adds objects with T1 down to 20 ms, and
+    ``wide_t1_objects`` (lo, hi) sets how many per slice (None: the default (2, 6)).
     """
 
     protocol: str | dict = "paper"
@@ -165,6 +179,7 @@ class SynthesisConfig:
     fov_mm: float = 250.0
     crop: tuple[int, int] | None = None
     wide_t1: bool = False
+    wide_t1_objects: tuple[int, int] | None = None
     effects: Effects = field(default_factory=Effects)
     seed: int = 0
     deform: bool = True
@@ -177,6 +192,8 @@ class SynthesisConfig:
             self.crop = tuple(int(x) for x in self.crop)
             if self.crop[0] > self.matrix[0] or self.crop[1] > self.matrix[1]:
                 raise ValueError(f"crop {self.crop} larger than the matrix {self.matrix}")
+        if self.wide_t1_objects is not None:
+            self.wide_t1_objects = _object_range(self.wide_t1_objects)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -215,7 +232,8 @@ class SyntheticIRDataset(torch.utils.data.Dataset):
         if self.scene_fn is not None:
             return self.scene_fn(rng, s, r, shape)
         c = self.config
-        return brain_scene(rng, s, r, shape, wide_t1=c.wide_t1, fov_mm=c.fov_mm, deform=c.deform, geometry_seed=c.seed)
+        return brain_scene(rng, s, r, shape, wide_t1=c.wide_t1, fov_mm=c.fov_mm, deform=c.deform, geometry_seed=c.seed,
+                           wide_t1_objects=c.wide_t1_objects)
 
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):

@@ -51,6 +51,33 @@ def test_crop_and_wide_t1():
     assert (t1 < 0.1).any()
 
 
+def test_wide_t1_objects_sets_the_object_count(monkeypatch):
+    """``wide_t1_objects`` reaches the tissue sampler; no objects leave only brain tissue T1."""
+    import custom_components.tissues as T
+
+    seen = []
+    real = T.sample_parameter_maps
+
+    def spy(*args, **kw):
+        out = real(*args, **kw)
+        seen.append(len(out["objects"]))
+        return out
+
+    monkeypatch.setattr(T, "sample_parameter_maps", spy)
+    for lo_hi in ((9, 9), (0, 0)):
+        ds = SyntheticIRDataset(SynthesisConfig(seed=0, wide_t1=True, wide_t1_objects=lo_hi, **SMALL))
+        seen.clear()
+        items = [ds[i] for i in range(len(ds))]
+        assert seen == [lo_hi[0]] * len(ds)
+        t1 = torch.cat([it["label"][0][it["mask"][0] > 0] for it in items])
+    # without objects T1 stays within the tissues' ranges x the global scale (0.75-1.33): nothing below 0.1 s
+    assert float(t1.min()) > 0.1
+    assert SynthesisConfig(wide_t1_objects=[2, 4]).wide_t1_objects == (2, 4)
+    for bad in ((5, 2), (-1, 3), "many", (1,)):
+        with pytest.raises(ValueError, match="wide_t1_objects"):
+            SynthesisConfig(wide_t1_objects=bad)
+
+
 def test_snr_is_as_drawn():
     ds = SyntheticIRDataset(SynthesisConfig(seed=0, effects=Effects(snr_range=(40, 40), echo_train=False), **SMALL))
     it = ds[0]
