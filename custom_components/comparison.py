@@ -92,11 +92,13 @@ class Case:
                         affine=np.diag([px[0], px[1], 1.0, 1.0]), protocol=self.protocol, source=self.name)
 
 
-def twin_case(snr: float, seed: int = 0, protocol="paper") -> Case:
+def twin_case(snr: float, seed: int = 0, protocol="paper", echo_train: bool = True) -> Case:
+    """The digital NIST twin at ``snr`` (Rician noise); ``echo_train=False`` leaves out the
+    echo-train T2 blurring (a diagnostic: the comparison always uses it)."""
     from .synthesis import Effects, nist_twin
 
-    tw = nist_twin(protocol, snr=snr, effects=Effects(noise="rician", echo_train=True), seed=seed)
-    return Case(f"NIST twin, SNR {snr:g}", tw["image"], tw["protocol"], tw["mask"].astype(bool), tw["label"],
+    tw = nist_twin(protocol, snr=snr, effects=Effects(noise="rician", echo_train=echo_train), seed=seed)
+    return Case(f"NIST twin, SNR {snr:g}" + ("" if echo_train else ", no echo-train blurring"), tw["image"], tw["protocol"], tw["mask"].astype(bool), tw["label"],
                 1.0 / snr, {"reference": tw["reference"]["T1_s"], "spheres_truth": tw["label"][0]}, tw["pixel_spacing_mm"])
 
 

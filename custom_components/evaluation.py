@@ -541,6 +541,53 @@ def roi_statistics(values, layout: SphereLayout) -> list[dict]:
     return rows
 
 
+def roi_std_decomposition(maps, layout: SphereLayout) -> list[dict]:
+    """Split the within-sphere std of R maps of the same object (R noise realisations) into the
+    part that changes between realisations (noise) and the part that does not (a spatial pattern:
+    a bias that varies over the ROI).
+
+    With voxel values v_ir = p_i + n_ir (pattern p over the ROI voxels i, zero-mean noise n of
+    variance sigma^2 that is independent between realisations r):
+
+    - ``total``: the mean over realisations of the within-ROI std (what :func:`roi_statistics`
+      gives for one map);
+    - ``noise``: sqrt of the ROI mean of the per-voxel variance over realisations (ddof 1), an
+      unbiased estimate of sigma^2;
+    - ``pattern``: the within-ROI std of the realisation-averaged map with the noise it still holds
+      removed, sqrt(max(var_i(mean_r v_ir) - noise^2 / R, 0)): the std of p over the ROI.
+
+    ``total^2`` is about ``noise^2 + pattern^2``. Non-finite voxels (in any realisation) are left out.
+
+    Args:
+        maps: (R, H, W) with R >= 2, in the map's units.
+        layout: the sphere layout (the same for all realisations).
+
+    Returns:
+        one dict per sphere 1..14: ``sphere``, ``total``, ``noise``, ``pattern``, ``n_voxels``.
+    """
+    arr = np.asarray(maps, dtype=float)
+    if arr.ndim != 3 or arr.shape[0] < 2:
+        raise ValueError(f"need maps (R, H, W) of R >= 2 realisations, got shape {arr.shape}")
+    if arr.shape[1:] != tuple(layout.shape):
+        raise ValueError(f"map shape {arr.shape[1:]} differs from the layout's image shape {layout.shape}")
+    r = arr.shape[0]
+    finite = np.isfinite(arr).all(0)
+    rows = []
+    for k in SPHERE_IDS:
+        sel = (layout.roi_labels == k) & finite
+        v = arr[:, sel]  # (R, n)
+        n = int(v.shape[1])
+        if n < 2:
+            rows.append({"sphere": int(k), "total": float("nan"), "noise": float("nan"), "pattern": float("nan"),
+                         "n_voxels": n})
+            continue
+        noise_var = float(np.mean(v.var(axis=0, ddof=1)))
+        pattern_var = float(v.mean(axis=0).var(ddof=1)) - noise_var / r
+        rows.append({"sphere": int(k), "total": float(np.mean(v.std(axis=1, ddof=1))), "noise": float(np.sqrt(noise_var)),
+                     "pattern": float(np.sqrt(max(pattern_var, 0.0))), "n_voxels": n})
+    return rows
+
+
 def sphere_table(t1_map_s, layout: SphereLayout, reference_t1_s, t1_range_s=(0.4, 2.0)) -> list[dict]:
     """Measured against reference T1 per sphere, in ms (the report's units).
 
@@ -661,4 +708,4 @@ def plot_layout(image, layout: SphereLayout, path=None, title: str | None = None
 
 
 __all__ = ["SphereLayout", "locate_spheres", "body_mask", "edge_image", "circle_response", "ti_of_minimum",
-           "roi_statistics", "sphere_table", "table_summary", "format_table_markdown", "plot_layout"]
+           "roi_statistics", "roi_std_decomposition", "sphere_table", "table_summary", "format_table_markdown", "plot_layout"]

@@ -175,17 +175,22 @@ DiffusorMapper = BundleMapper  # the name used before the baselines existed
 
 def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, method: str = "diffusor", bundle_dir=None,
                            weights=None, samples: int | None = None, steps: int | None = None,
-                           sampler: str | None = None, device: str = "cpu", progress: bool = True, sigma=None, **_):
+                           sampler: str | None = None, device: str = "cpu", progress: bool = True, sigma=None,
+                           seed: int | None = None, **_):
     """Map every slice of a series with a trained bundle; returns a :class:`custom_components.mapping.MappingResult`.
+
+    ``seed``: the Diffusor's seed of the ensemble's initial noise (None: the bundle's, 0, so
+    repeated runs give the same maps).
 
     For the RIM the noise level is ``sigma`` if given, else estimated from the series' background
     (if there is none: unknown, and the RIM uses the Gaussian likelihood)."""
     from .fitting import signal_mask
     from .mapping import MappingResult
 
-    overrides = {k: v for k, v in (("n_samples", samples), ("steps", steps), ("sampler", sampler)) if v is not None}
+    overrides = {k: v for k, v in (("n_samples", samples), ("steps", steps), ("sampler", sampler), ("seed", seed))
+                 if v is not None}
     if method != "diffusor" and overrides:
-        raise InputError(f"--samples/--steps/--sampler apply to the diffusor only, not to {method}")
+        raise InputError(f"--samples/--steps/--sampler/--seed apply to the diffusor only, not to {method}")
     mapper = BundleMapper(bundle_dir, weights, overrides, device, method=method)
     mapper.check_protocol(series)
     data = series.data  # (X, Y, Z, N)

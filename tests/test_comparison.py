@@ -132,3 +132,29 @@ def test_only_real_scans_replaces_section_4_and_keeps_the_rest(tmp_path, capsys)
     assert "no report to update" in capsys.readouterr().err and not (tmp_path / "new").exists()
     assert main(["compare", "--out", str(tmp_path), "--only", "twin"]) == 2
     assert "--only takes real_scans" in capsys.readouterr().err
+
+
+def test_evaluate_twin_decomposes_the_fit_std_into_noise(tmp_path):
+    """The classical fit is unbiased at 0.2-1 s on the twin: its within-sphere std there is noise,
+    with no spatial pattern beyond the estimate's sampling error; --decompose needs 2+ seeds."""
+    import re
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "evaluate_twin.py"
+    out = tmp_path / "t.md"
+    r = subprocess.run([sys.executable, str(script), "--method", "mle", "--seeds", "3", "--decompose", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {}
+    for line in out.read_text().splitlines():
+        m = re.match(r"\|\s*\**(\d+)\**\s*\|\s*\**([\d.]+)\**\s*\|\s*\**([\d.]+) / ([\d.]+) / ([\d.]+)\**\s*\|", line)
+        if m:
+            rows[int(m[1])] = tuple(float(m[k]) for k in (3, 4, 5))
+    assert sorted(rows) == list(range(1, 15))
+    for k in (4, 5, 6, 7):  # 0.69-0.24 s
+        total, noise, pattern = rows[k]
+        assert noise == pytest.approx(total, rel=0.15) and pattern < 0.5 * noise
+    bad = subprocess.run([sys.executable, str(script), "--method", "mle", "--seeds", "1", "--decompose"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--decompose needs --seeds 2" in bad.stderr

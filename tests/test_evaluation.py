@@ -223,3 +223,32 @@ def test_real_scans_single_late_ti_image_agrees(real):
     single = locate_spheres(images[-1], spacing, plate=plate)
     assert single.numbering in ("fiducials", "fiducials+nominal")
     assert np.abs(single.centres_px - layout.centres_px).max() < 1.0
+
+
+def test_roi_std_decomposition_separates_pattern_from_noise(twin_layout):
+    """Monte Carlo with a known answer: a fixed spatial pattern (a radial bias of known std over
+    each ROI) plus independent Gaussian noise of known sigma per realisation."""
+    from custom_components.evaluation import roi_std_decomposition
+
+    layout, _ = twin_layout
+    rng = np.random.default_rng(7)
+    rows, cols = np.indices(layout.shape)
+    pattern = np.zeros(layout.shape)
+    for k in range(1, N_SPHERES + 1):
+        sel = layout.roi_labels == k
+        rad = np.hypot(rows - layout.centres_px[k - 1, 0], cols - layout.centres_px[k - 1, 1])[sel]
+        p = rad - rad.mean()
+        pattern[sel] = 0.02 * k * p / p.std(ddof=1)  # std over the ROI exactly 0.02 k
+    sigma, n_real = 0.05, 40
+    maps = 1.0 + pattern[None] + sigma * rng.standard_normal((n_real,) + layout.shape)
+    out = roi_std_decomposition(maps, layout)
+    for k, r in enumerate(out, start=1):
+        n = r["n_voxels"]
+        assert r["noise"] == pytest.approx(sigma, rel=4 / np.sqrt(n * (n_real - 1)))
+        assert r["pattern"] == pytest.approx(0.02 * k, abs=4 * sigma / np.sqrt(n_real) / np.sqrt(2) + 0.002)
+        assert r["total"] ** 2 == pytest.approx(r["noise"] ** 2 + r["pattern"] ** 2, rel=0.1)
+    # noise only: the pattern estimate is zero up to its sampling error (no noise floor left in it)
+    pure = roi_std_decomposition(1.0 + sigma * rng.standard_normal((n_real,) + layout.shape), layout)
+    assert max(r["pattern"] for r in pure) < 3 * sigma / np.sqrt(n_real)
+    with pytest.raises(ValueError, match="R >= 2"):
+        roi_std_decomposition(maps[:1], layout)
