@@ -52,8 +52,8 @@ class QMRI:
 
     def map(self, input: str, out: str, method: str = "mle", mask: str | None = None, tis=None, tr=None,
             noise: str = "rician", n_coils: int = 1, sigma: float | None = None, overwrite: bool = False,
-            samples: int | None = None, steps: int | None = None, sampler: str | None = None, device: str = "cpu",
-            bundle: str | None = None, weights: str | None = None, quiet: bool = False, bids: bool = False,
+            samples: int | None = None, steps: int | None = None, sampler: str | None = None,
+            symmetry: str | None = None, device: str = "cpu", bundle: str | None = None, weights: str | None = None, quiet: bool = False, bids: bool = False,
             subject: str | None = None, session: str | None = None):
         """Map T1 (s), PD and inversion efficiency B from an IR series; write NIfTI maps with JSON sidecars.
 
@@ -78,6 +78,9 @@ class QMRI:
             samples: diffusor ensemble size (default 10, the paper).
             steps: diffusor network evaluations per sample with the few-step sampler.
             sampler: diffusor sampler: dpm++2m (default), ddim, or ddpm (all 1000 steps, the paper).
+            symmetry: diffusor: the orientations of the image grid the ensemble members are drawn in:
+                dihedral (default: the 8 flips and transposes, member j in orientation j mod 8, each
+                sample turned back), flips (4), or none (every member as the input is oriented).
             device: cpu or cuda for the learned methods.
             bundle: bundle folder of the learned method (default bundles/<method>).
             weights: weights file (default <bundle>/models/model.pt).
@@ -106,7 +109,7 @@ class QMRI:
             if m.ndim == 2 and len(series.spatial_shape) == 3 and series.spatial_shape[2] == 1:
                 m = m[:, :, None]
         res = map_series(series, method=method, mask=m, noise=noise, n_coils=int(n_coils), sigma=sigma, progress=not quiet,
-                         samples=samples, steps=steps, sampler=sampler, device=device, bundle_dir=bundle, weights=weights)
+                         samples=samples, steps=steps, sampler=sampler, symmetry=symmetry, device=device, bundle_dir=bundle, weights=weights)
         if bids:
             written = save_bids_derivatives(out, output_arrays(res), series.affine, sidecars_for(res, series, method),
                                             subject=str(sub), session=None if ses is None else str(ses), method=method,

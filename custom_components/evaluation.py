@@ -551,19 +551,23 @@ def roi_std_decomposition(maps, layout: SphereLayout) -> list[dict]:
 
     - ``total``: the mean over realisations of the within-ROI std (what :func:`roi_statistics`
       gives for one map);
-    - ``noise``: sqrt of the ROI mean of the per-voxel variance over realisations (ddof 1), an
-      unbiased estimate of sigma^2;
+    - ``noise``: the within-ROI part of the noise: each realisation's ROI mean is removed (a shift
+      of the whole ROI between realisations is not within-sphere spread), then sqrt of the ROI
+      mean of the per-voxel variance over realisations (ddof 1, times n / (n - 1) for the removed
+      mean), an unbiased estimate of sigma^2 for noise independent between voxels;
     - ``pattern``: the within-ROI std of the realisation-averaged map with the noise it still holds
       removed, sqrt(max(var_i(mean_r v_ir) - noise^2 / R, 0)): the std of p over the ROI.
 
-    ``total^2`` is about ``noise^2 + pattern^2``. Non-finite voxels (in any realisation) are left out.
+    ``total^2`` is about ``noise^2 + pattern^2``; ``mean_std`` is the std over realisations of the ROI
+    mean (what the table's error column averages over). Non-finite voxels (in any realisation) are
+    left out.
 
     Args:
         maps: (R, H, W) with R >= 2, in the map's units.
         layout: the sphere layout (the same for all realisations).
 
     Returns:
-        one dict per sphere 1..14: ``sphere``, ``total``, ``noise``, ``pattern``, ``n_voxels``.
+        one dict per sphere 1..14: ``sphere``, ``total``, ``noise``, ``pattern``, ``mean_std``, ``n_voxels``.
     """
     arr = np.asarray(maps, dtype=float)
     if arr.ndim != 3 or arr.shape[0] < 2:
@@ -579,12 +583,15 @@ def roi_std_decomposition(maps, layout: SphereLayout) -> list[dict]:
         n = int(v.shape[1])
         if n < 2:
             rows.append({"sphere": int(k), "total": float("nan"), "noise": float("nan"), "pattern": float("nan"),
-                         "n_voxels": n})
+                         "mean_std": float("nan"), "n_voxels": n})
             continue
-        noise_var = float(np.mean(v.var(axis=0, ddof=1)))
-        pattern_var = float(v.mean(axis=0).var(ddof=1)) - noise_var / r
+        roi_means = v.mean(axis=1, keepdims=True)
+        c = v - roi_means  # within-ROI deviations of each realisation
+        noise_var = float(np.mean(c.var(axis=0, ddof=1))) * n / (n - 1)
+        pattern_var = float(c.mean(axis=0).var(ddof=1)) - noise_var / r
         rows.append({"sphere": int(k), "total": float(np.mean(v.std(axis=1, ddof=1))), "noise": float(np.sqrt(noise_var)),
-                     "pattern": float(np.sqrt(max(pattern_var, 0.0))), "n_voxels": n})
+                     "pattern": float(np.sqrt(max(pattern_var, 0.0))), "mean_std": float(roi_means.std(ddof=1)),
+                     "n_voxels": n})
     return rows
 
 

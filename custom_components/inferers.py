@@ -49,6 +49,8 @@ from monai.networks.schedulers import DDPMScheduler
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SAMPLERS = ("dpm++2m", "ddim", "ddpm")
+#: how many frames (orientations of the image grid) each symmetry setting spreads the ensemble over
+SYMMETRIES = {"none": 1, "flips": 4, "dihedral": 8}
 
 
 def ddpm_scheduler(num_train_timesteps: int = 1000, prediction_type: str = "epsilon") -> DDPMScheduler:
@@ -200,6 +202,41 @@ def ddpm_sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T
     return x
 
 
+def frame_transform(x: torch.Tensor, frame: int, inverse: bool = False) -> torch.Tensor:
+    """One of the 8 symmetries of the pixel grid (the dihedral group of the square) on the last two axes.
+
+    ``frame`` in 0..7: bit 2 transposes (H, W) -> (W, H) (applied first), bit 0 flips the rows, bit 1
+    the columns; frames 0-3 keep the shape (the flips), 0 is the identity. ``inverse=True`` undoes it,
+    so ``frame_transform(frame_transform(x, k), k, inverse=True)`` is ``x``.
+    """
+    if not 0 <= int(frame) < 8:
+        raise ValueError(f"frame must be in 0..7, got {frame}")
+    k = int(frame)
+    if not inverse:
+        if k & 4:
+            x = x.transpose(-1, -2)
+        if k & 1:
+            x = x.flip(-2)
+        if k & 2:
+            x = x.flip(-1)
+        return x
+    if k & 2:
+        x = x.flip(-1)
+    if k & 1:
+        x = x.flip(-2)
+    if k & 4:
+        x = x.transpose(-1, -2)
+    return x
+
+
+def member_frames(n_samples: int, symmetry: str = "none") -> list[int]:
+    """The frame (:func:`frame_transform`) of each ensemble member: member j gets frame j mod G, G the
+    number of frames of ``symmetry`` ("none": 1, "flips": 4, "dihedral": 8)."""
+    if symmetry not in SYMMETRIES:
+        raise ValueError(f"symmetry must be one of {sorted(SYMMETRIES)}, got {symmetry!r}")
+    return [j % SYMMETRIES[symmetry] for j in range(int(n_samples))]
+
+
 def _pad_to(x: torch.Tensor, multiple: int):
     h, w = x.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
@@ -231,13 +268,22 @@ class EnsembleDDPMInferer(Inferer):
             condition channels (the classical fit, network space) are added to every sample, and the
             residual's x0 estimates are clipped to twice ``clip`` (the range of a difference of two
             maps in [-1, 1]); the sum is clipped to [-clip, clip].
+        symmetry: "none" (default), "flips" or "dihedral": member j is drawn with the condition seen
+            in frame j mod G of the pixel grid (:func:`frame_transform`: the identity, the flips and,
+            for "dihedral", the transposes; G = 1, 4, 8) and its sample is mapped back to the input's
+            frame. The physics is the same in every frame, but a trained network is not exactly
+            equivariant: its orientation-dependent errors then vary between members, so the mean
+            averages part of them out and the std includes them (a self-ensemble). Costs nothing
+            extra: the same number of network evaluations. The initial noise is drawn in the input's
+            frame, so "none" gives exactly the samples of earlier versions.
     """
 
     def __init__(self, scheduler: DDPMScheduler, n_samples: int = 10, sampler: str = "dpm++2m", steps: int = 20,
                  eta: float = 0.0, clip: float | None = 1.0, max_batch: int | None = None, seed: int | None = 0,
                  autocast_dtype: torch.dtype | str | None = None, progress: bool = False, pad_multiple: int = 4,
-                 residual: bool = False):
+                 residual: bool = False, symmetry: str = "none"):
         super().__init__()
+        member_frames(1, symmetry)  # a bad value fails here
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         self.scheduler = scheduler
@@ -253,6 +299,7 @@ class EnsembleDDPMInferer(Inferer):
         self.progress = progress
         self.pad_multiple = pad_multiple
         self.residual = bool(residual)
+        self.symmetry = symmetry
 
     @property
     def network_evaluations(self) -> int:
@@ -282,26 +329,34 @@ class EnsembleDDPMInferer(Inferer):
         gen = torch.Generator(device=cond.device).manual_seed(int(self.seed)) if self.seed is not None else None
         shape = (b * s, 3) + tuple(cond.shape[-2:])
         x_T = torch.randn(shape, generator=gen, device=cond.device, dtype=cond.dtype)
-        out = []
-        chunk = self.max_batch or b * s
+        out = torch.empty_like(x_T)
+        frames = member_frames(s, self.symmetry)
         clip = None if self.clip is None else (2 * self.clip if self.residual else self.clip)
-        for i in range(0, b * s, chunk):
-            fn = self._model_fn(network, cond_rep[i:i + chunk])
-            if self.sampler == "ddpm":
-                x0 = ddpm_sample(fn, x_T[i:i + chunk], self.scheduler, clip=clip, generator=gen, progress=self.progress)
-            elif self.sampler == "dpm++2m":
-                x0 = dpmpp2m_sample(fn, x_T[i:i + chunk], self.scheduler.alphas_cumprod, self.steps,
-                                    self.scheduler.prediction_type, clip=clip, progress=self.progress)
-            else:
-                x0 = ddim_sample(fn, x_T[i:i + chunk], self.scheduler.alphas_cumprod, self.steps,
-                                 self.scheduler.prediction_type, eta=self.eta, clip=clip, generator=gen, progress=self.progress)
-            if self.residual:
-                x0 = x0 + cond_rep[i:i + chunk, -3:]
-                if self.clip is not None:
-                    x0 = x0.clamp(-self.clip, self.clip)
-            out.append(x0)
-        x0 = torch.cat(out)[..., :h, :w]
-        return x0.reshape(b, s, 3, h, w)
+        for frame in sorted(set(frames)):
+            # every member of every input that is drawn in this frame, batched together
+            idx = torch.tensor([i * s + j for i in range(b) for j in range(s) if frames[j] == frame], device=cond.device)
+            cond_f = frame_transform(cond_rep[idx], frame)
+            x_f = frame_transform(x_T[idx], frame)
+            chunk = self.max_batch or len(idx)
+            res = []
+            for i in range(0, len(idx), chunk):
+                fn = self._model_fn(network, cond_f[i:i + chunk])
+                if self.sampler == "ddpm":
+                    x0 = ddpm_sample(fn, x_f[i:i + chunk], self.scheduler, clip=clip, generator=gen, progress=self.progress)
+                elif self.sampler == "dpm++2m":
+                    x0 = dpmpp2m_sample(fn, x_f[i:i + chunk], self.scheduler.alphas_cumprod, self.steps,
+                                        self.scheduler.prediction_type, clip=clip, progress=self.progress)
+                else:
+                    x0 = ddim_sample(fn, x_f[i:i + chunk], self.scheduler.alphas_cumprod, self.steps,
+                                     self.scheduler.prediction_type, eta=self.eta, clip=clip, generator=gen,
+                                     progress=self.progress)
+                res.append(x0)
+            out[idx] = frame_transform(torch.cat(res), frame, inverse=True)
+        if self.residual:
+            out = out + cond_rep[:, -3:]
+            if self.clip is not None:
+                out = out.clamp(-self.clip, self.clip)
+        return out[..., :h, :w].reshape(b, s, 3, h, w)
 
 
 def ensemble_statistics(samples: torch.Tensor, scale: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -405,7 +460,7 @@ class ConditionPrepareBatch(PrepareBatch):
         return cond, label, (), {}
 
 
-__all__ = ["PREDICTION_TYPES", "SAMPLERS", "ddpm_scheduler", "to_x0_eps", "target_for", "ddim_timesteps", "ddim_sample",
+__all__ = ["PREDICTION_TYPES", "SAMPLERS", "SYMMETRIES", "frame_transform", "member_frames", "ddpm_scheduler", "to_x0_eps", "target_for", "ddim_timesteps", "ddim_sample",
            "logsnr", "logsnr_timesteps", "dpmpp2m_sample",
            "ddpm_sample", "EnsembleDDPMInferer", "ensemble_statistics", "ConditionalDiffusionInferer",
            "ConditionalDiffusionPrepareBatch", "ConditionPrepareBatch"]

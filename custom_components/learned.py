@@ -164,7 +164,7 @@ class BundleMapper:
             return {"n_samples": inf.n_samples, "sampler": inf.sampler,
                     "network_evaluations_per_sample": inf.network_evaluations, "fit_condition": self.fit_condition,
                     "fit_residual": self.fit_residual,
-                    "seed": inf.seed}
+                    "seed": inf.seed, "symmetry": inf.symmetry}
         if self.method == "rim":
             return {"n_steps": self.network.n_steps, "likelihood": self.network.noise}
         return {}
@@ -176,21 +176,27 @@ DiffusorMapper = BundleMapper  # the name used before the baselines existed
 def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, method: str = "diffusor", bundle_dir=None,
                            weights=None, samples: int | None = None, steps: int | None = None,
                            sampler: str | None = None, device: str = "cpu", progress: bool = True, sigma=None,
-                           seed: int | None = None, **_):
+                           seed: int | None = None, symmetry: str | None = None, **_):
     """Map every slice of a series with a trained bundle; returns a :class:`custom_components.mapping.MappingResult`.
 
     ``seed``: the Diffusor's seed of the ensemble's initial noise (None: the bundle's, 0, so
-    repeated runs give the same maps).
+    repeated runs give the same maps). ``symmetry``: the frames of the pixel grid the Diffusor's
+    members are drawn in ("none", "flips" or "dihedral"; None: the bundle's, "dihedral"; see
+    :class:`custom_components.inferers.EnsembleDDPMInferer`).
 
     For the RIM the noise level is ``sigma`` if given, else estimated from the series' background
     (if there is none: unknown, and the RIM uses the Gaussian likelihood)."""
     from .fitting import signal_mask
     from .mapping import MappingResult
 
-    overrides = {k: v for k, v in (("n_samples", samples), ("steps", steps), ("sampler", sampler), ("seed", seed))
-                 if v is not None}
+    overrides = {k: v for k, v in (("n_samples", samples), ("steps", steps), ("sampler", sampler), ("seed", seed),
+                                   ("symmetry", symmetry)) if v is not None}
     if method != "diffusor" and overrides:
-        raise InputError(f"--samples/--steps/--sampler/--seed apply to the diffusor only, not to {method}")
+        raise InputError(f"--samples/--steps/--sampler/--seed/--symmetry apply to the diffusor only, not to {method}")
+    from .inferers import SYMMETRIES
+
+    if symmetry is not None and symmetry not in SYMMETRIES:
+        raise InputError(f"--symmetry must be one of {', '.join(SYMMETRIES)}, got {symmetry!r}")
     mapper = BundleMapper(bundle_dir, weights, overrides, device, method=method)
     mapper.check_protocol(series)
     data = series.data  # (X, Y, Z, N)
@@ -310,7 +316,7 @@ class SaveMapsHandler:
         inf = engine.inferer
         info = {k: getattr(inf, a) for k, a in (("n_samples", "n_samples"), ("sampler", "sampler"),
                                                 ("network_evaluations_per_sample", "network_evaluations"),
-                                                ("seed", "seed")) if hasattr(inf, a)}
+                                                ("seed", "seed"), ("symmetry", "symmetry")) if hasattr(inf, a)}
         res = MappingResult(maps=maps, mask=np.transpose(mask, (1, 2, 0)), info=info)
         out = self.output_dir / Path(source).name.split(".")[0] if self.per_input_folder else self.output_dir
         save_maps(out, output_arrays(res), series.affine, sidecars_for(res, series, self.method), overwrite=self.overwrite)

@@ -1,7 +1,7 @@
 """Network evaluations, seconds per 240 x 240 slice and T1 accuracy of the Diffusor vs sampler steps.
 
     python scripts/benchmark_diffusor.py --bundle bundles/diffusor [--weights W] [--steps 5,10,20,40] \
-        [--device cpu] [--threads 2] [--out docs/x.md]
+        [--device cpu] [--threads 2] [--symmetry dihedral|flips|none] [--max_batch 40] [--out docs/x.md]
 
 For the 10-sample ensemble on one slice of the digital NIST twin (paper protocol, SNR 50):
 - the few-step sampler (DPM-Solver++(2M)) at each step count: measured seconds, network
@@ -31,6 +31,8 @@ def main():
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--symmetry", default=None, help="frames of the ensemble (default: the bundle's, dihedral)")
+    ap.add_argument("--max_batch", type=int, default=None, help="samples per network call (default: the bundle's, 40)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -46,7 +48,9 @@ def main():
     rows = []
     mapper = None
     for steps in [int(s) for s in a.steps.split(",")]:
-        mapper = DiffusorMapper(a.bundle, a.weights, {"n_samples": a.samples, "steps": steps, "sampler": "dpm++2m"}, a.device)
+        opts = {"n_samples": a.samples, "steps": steps, "sampler": "dpm++2m"}
+        opts.update({k: v for k, v in (("symmetry", a.symmetry), ("max_batch", a.max_batch)) if v is not None})
+        mapper = DiffusorMapper(a.bundle, a.weights, opts, a.device)
         mapper.map_slice(tw["image"][:, :16, :16])  # warm-up
         t = time.perf_counter()
         mean, std = mapper.map_slice(tw["image"])
@@ -76,13 +80,15 @@ def main():
     rows.insert(0, ("full DDPM (the paper), 1000 steps", 1000, f"{1000 * per_eval:.0f} (1000 x {per_eval:.2f} s measured per evaluation)",
                     "not run", "", ""))
     lines = [f"Diffusor ensemble of {a.samples} samples on one 240 x 240 slice of the digital NIST twin (paper protocol, SNR 50); "
-             f"{a.device}, {a.threads} threads, {platform.machine()}; {date.today()}; weights {a.weights or 'models/model.pt'}.", "",
+             f"{a.device}, {a.threads} threads, {platform.machine()}; {date.today()}; weights {a.weights or 'models/model.pt'}; "
+             f"symmetry {mapper.inferer.symmetry}, {mapper.inferer.max_batch or 'all'} samples per network call.", "",
              "| sampler | network evaluations per sample | seconds per slice | T1 error in 0.4-2 s spheres, mean / max (%) | "
              "within-sphere T1 std (% of T1) | mean ensemble std (% of T1) |",
              "|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     text = "\n".join(lines) + f"\n\nCommand: `python scripts/benchmark_diffusor.py --steps {a.steps} --samples {a.samples} --device {a.device} --threads {a.threads}" + \
-        (f" --bundle {a.bundle}" if a.bundle else "") + (f" --weights {a.weights}" if a.weights else "") + "`\n"
+        (f" --bundle {a.bundle}" if a.bundle else "") + (f" --weights {a.weights}" if a.weights else "") + \
+        (f" --symmetry {a.symmetry}" if a.symmetry else "") + (f" --max_batch {a.max_batch}" if a.max_batch else "") + "`\n"
     print(text)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Sphere table of a mapping method on the digital NIST twin (the paper's Table 1, digital).
 
     python scripts/evaluate_twin.py --method diffusor --bundle bundles/diffusor [--weights W] \
-        [--samples 10] [--steps 20] [--sampler dpm++2m] [--snr 50] [--seeds 1] [--out docs/x.md] \
+        [--samples 10] [--steps 20] [--sampler dpm++2m] [--symmetry dihedral] [--snr 50] [--seeds 1] [--out docs/x.md] \
         [--decompose] [--vary_sampler_seed] [--no_echo_train]
     python scripts/evaluate_twin.py --method resnet|rim [--bundle bundles/<method>] [--weights W]
     python scripts/evaluate_twin.py --method mle
@@ -63,11 +63,12 @@ def decomposition_table(method_maps, fit_maps, layout, ref, label) -> str:
     dm, df = roi_std_decomposition(method_maps, layout), roi_std_decomposition(fit_maps, layout)
     lines = [f"Within-sphere T1 std (ms) split over {method_maps.shape[0]} noise realisations "
              "(`custom_components.evaluation.roi_std_decomposition`): noise = the part that changes between "
-             "realisations, pattern = the part that does not (a bias varying over the ROI).", "",
-             f"| sphere | reference T1 (ms) | {label}: total / noise / pattern | classical fit: total / noise / pattern |",
+             "realisations within the ROI, pattern = the part that does not (a bias varying over the ROI), "
+             "shift = the std over realisations of the ROI mean (not part of the within-sphere std).", "",
+             f"| sphere | reference T1 (ms) | {label}: total / noise / pattern / shift | classical fit: total / noise / pattern / shift |",
              "|---:|---:|---|---|"]
     for k in range(14):
-        cells = [f"{r['total'] * 1e3:.1f} / {r['noise'] * 1e3:.1f} / {r['pattern'] * 1e3:.1f}" for r in (dm[k], df[k])]
+        cells = [" / ".join(f"{r[q] * 1e3:.1f}" for q in ("total", "noise", "pattern", "mean_std")) for r in (dm[k], df[k])]
         row = [f"{k + 1}", f"{ref[k] * 1000:.1f}", *cells]
         if 0.4 <= ref[k] <= 2.0:
             row = [f"**{c}**" for c in row]
@@ -109,6 +110,7 @@ def main():
     ap.add_argument("--samples", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--sampler", default=None)
+    ap.add_argument("--symmetry", default=None, help="diffusor: frames of the ensemble (default: the bundle's, dihedral)")
     ap.add_argument("--snr", type=float, default=50.0)
     ap.add_argument("--protocol", default="paper", help="protocol preset of the twin (a learned model other than the RIM maps only its own)")
     ap.add_argument("--seeds", type=int, default=1)
@@ -125,7 +127,8 @@ def main():
         ap.error("--decompose needs --seeds 2 or more (the noise part is the variation between realisations)")
     kw = {}
     if a.method == "diffusor":
-        kw = dict(bundle_dir=a.bundle, weights=a.weights, samples=a.samples, steps=a.steps, sampler=a.sampler)
+        kw = dict(bundle_dir=a.bundle, weights=a.weights, samples=a.samples, steps=a.steps, sampler=a.sampler,
+                  symmetry=a.symmetry)
     elif a.method in ("resnet", "rim"):
         kw = dict(bundle_dir=a.bundle, weights=a.weights)
     et = not a.no_echo_train
@@ -133,7 +136,8 @@ def main():
     per_seed, ref, times, info, (method_maps, layout0) = run(a.method, a.seeds, a.snr, a.protocol, echo_train=et,
                                                              vary_sampler_seed=a.vary_sampler_seed, **kw)
     desc = ", ".join(f"{k} {v}" for k, v in info.items()
-                     if k in ("n_samples", "sampler", "network_evaluations_per_sample", "fit_condition", "n_steps", "likelihood"))
+                     if k in ("n_samples", "sampler", "network_evaluations_per_sample", "fit_condition", "symmetry", "n_steps",
+                              "likelihood"))
     title = (f"{a.method} on the digital NIST twin, {a.protocol} protocol, SNR {a.snr:g}, {'echo-train blurring' if et else 'no echo-train blurring'}, {a.seeds} noise realisation(s)"
              + (f" ({desc}; weights {a.weights or 'models/model.pt'})" if desc else ""))
     text, worst = table(per_seed, ref, title, baseline=base if a.method != "mle" else None)

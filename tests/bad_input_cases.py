@@ -272,6 +272,10 @@ def weights_file_missing(d):
     return _map(_nifti(d), "--method", "resnet", "--weights", str(d / "nowhere.pt"))
 
 
+def diffusor_symmetry_unknown(d):
+    return _map(_nifti(d), "--method", "diffusor", "--symmetry", "rotations")
+
+
 def _card(path: Path, method: str):
     card = json.loads((REPO / "bundles" / method / "models" / "model.json").read_text())
     path.write_text(json.dumps(card))
@@ -325,6 +329,8 @@ CASES = [
     Case("weights_of_another_network", "weights whose tensors belong to another network", weights_of_another_network,
          "weights"),
     Case("weights_file_missing", "--weights pointing nowhere", weights_file_missing, "nowhere.pt"),
+    Case("diffusor_symmetry_unknown", "--symmetry rotations (the Diffusor knows none, flips, dihedral)",
+         diffusor_symmetry_unknown, "--symmetry must be one of"),
 ]
 
 

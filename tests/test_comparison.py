@@ -148,7 +148,7 @@ def test_evaluate_twin_decomposes_the_fit_std_into_noise(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {}
     for line in out.read_text().splitlines():
-        m = re.match(r"\|\s*\**(\d+)\**\s*\|\s*\**([\d.]+)\**\s*\|\s*\**([\d.]+) / ([\d.]+) / ([\d.]+)\**\s*\|", line)
+        m = re.match(r"\|\s*\**(\d+)\**\s*\|\s*\**([\d.]+)\**\s*\|\s*\**([\d.]+) / ([\d.]+) / ([\d.]+) / [\d.]+\**\s*\|", line)
         if m:
             rows[int(m[1])] = tuple(float(m[k]) for k in (3, 4, 5))
     assert sorted(rows) == list(range(1, 15))

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from custom_components.inferers import (EnsembleDDPMInferer, ddim_sample, ddim_timesteps, ddpm_sample, ddpm_scheduler,
-                                        dpmpp2m_sample, ensemble_statistics, logsnr_timesteps, target_for, to_x0_eps)
+                                        dpmpp2m_sample, ensemble_statistics, frame_transform, logsnr_timesteps,
+                                        member_frames, target_for, to_x0_eps)
 from custom_components.scaling import QMRIScaled, decode_maps, encode_maps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,6 +104,65 @@ def test_ensemble_inferer_shapes_padding_and_statistics():
     np.testing.assert_allclose(mean[1, 1].numpy(), np.arctanh(0.55) * 2.0, rtol=1e-5)  # PD scales with s
     assert float(std.abs().max()) == 0
     assert EnsembleDDPMInferer(sch, sampler="ddpm").network_evaluations == 1000
+
+
+def test_frame_transforms_are_the_eight_symmetries_of_the_grid():
+    x = torch.arange(12.0).reshape(1, 3, 4)  # non-square: transposes change the shape
+    images = [frame_transform(x, k) for k in range(8)]
+    assert len({tuple(im.flatten().tolist()) + tuple(im.shape) for im in images}) == 8  # all distinct
+    for k in range(8):
+        assert images[k].shape[-2:] == ((4, 3) if k & 4 else (3, 4))
+        assert torch.equal(frame_transform(images[k], k, inverse=True), x)
+    assert torch.equal(images[1], x.flip(-2)) and torch.equal(images[2], x.flip(-1)) and torch.equal(images[4], x.mT)
+    assert member_frames(10, "dihedral") == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1]
+    assert member_frames(5, "flips") == [0, 1, 2, 3, 0] and member_frames(3) == [0, 0, 0]
+    with pytest.raises(ValueError, match="symmetry must be one of"):
+        EnsembleDDPMInferer(ddpm_scheduler(), symmetry="rotations")
+
+
+@pytest.mark.parametrize("symmetry", ["flips", "dihedral"])
+def test_symmetric_ensemble_maps_every_member_back_to_the_input_frame(symmetry):
+    """Each member sees the condition in its own frame and its sample is mapped back: a network
+    that returns the condition itself gives the condition for every member (non-square, padded
+    input); a network with a fixed error pattern in its own frame (a ramp along its columns) gives
+    members whose errors are that pattern in each member's frame, and their mean is its average
+    over the frames."""
+    sch = ddpm_scheduler(prediction_type="sample")
+    g = torch.Generator().manual_seed(5)
+    cond = torch.rand(2, 7, 10, 6, generator=g) * 2 - 1  # padded to 12 x 8 inside, cropped back
+    copy_net = lambda x, timesteps: x[:, 3:6]  # noqa: E731 - x0 = the first 3 condition channels
+    n = 2 * {"flips": 4, "dihedral": 8}[symmetry]
+    out = EnsembleDDPMInferer(sch, n_samples=n, steps=3, seed=0, symmetry=symmetry)(cond, copy_net)
+    assert out.shape == (2, n, 3, 10, 6)
+    np.testing.assert_allclose(out.numpy(), cond[:, None, :3].expand_as(out).numpy(), atol=1e-6)
+
+    def ramp_net(x, timesteps):  # a fixed pattern of the frame the network sees: 0.01 x column index
+        return x[:, 3:6] + 0.01 * torch.arange(x.shape[-1], dtype=x.dtype)
+    flat = torch.zeros(1, 7, 8, 8)
+    out = EnsembleDDPMInferer(sch, n_samples=n, steps=3, seed=0, symmetry=symmetry)(flat, ramp_net)[0, :, 0]
+    ramp = 0.01 * torch.arange(8.0).expand(8, 8)
+    for j, k in enumerate(member_frames(n, symmetry)):
+        np.testing.assert_allclose(out[j].numpy(), frame_transform(ramp, k, inverse=True).numpy(), atol=1e-6)
+    expected = torch.stack([frame_transform(ramp, k, inverse=True) for k in range(n // 2)]).mean(0)
+    np.testing.assert_allclose(out.mean(0).numpy(), expected.numpy(), atol=1e-6)
+    if symmetry == "flips":  # a column ramp and its mirror image average to a constant
+        np.testing.assert_allclose(out.mean(0).numpy(), 0.035, atol=1e-6)
+
+
+def test_symmetry_none_is_the_plain_ensemble_and_frames_share_the_initial_noise():
+    """symmetry "none" draws exactly the samples of the plain ensemble; with an equivariant network
+    (here: a pointwise one) the frames change nothing, because the initial noise is drawn in the
+    input's frame and transformed with the condition."""
+    sch = ddpm_scheduler(prediction_type="sample")
+    denoise = _gaussian_denoiser(0.1, 0.2, sch.alphas_cumprod.double())
+    net = lambda x, timesteps: denoise(x.double()[:, :3], timesteps).float() + 0.1 * x[:, 3:6]  # noqa: E731 - pointwise
+    cond = torch.rand(1, 7, 8, 12, generator=torch.Generator().manual_seed(6))
+    kw = dict(n_samples=8, sampler="dpm++2m", steps=6, seed=3)
+    plain = EnsembleDDPMInferer(sch, **kw)(cond, net)
+    assert torch.equal(plain, EnsembleDDPMInferer(sch, symmetry="none", **kw)(cond, net))
+    for symmetry in ("flips", "dihedral"):
+        np.testing.assert_allclose(EnsembleDDPMInferer(sch, symmetry=symmetry, **kw)(cond, net).numpy(), plain.numpy(),
+                                   atol=1e-5)
 
 
 def test_fit_residual_training_target_and_sampling():
@@ -359,5 +419,12 @@ def test_sampler_seed_override(trained_tiny):
     a, b, c, d = run(), run(), run(seed=0), run(seed=1)
     assert np.array_equal(a, b) and np.array_equal(a, c)
     assert not np.allclose(a, d)
+    # the bundle draws its members in the 8 frames of the grid by default; "none" is another ensemble
+    res = map_series_with_bundle(series, bundle_dir=root, samples=2, steps=2, progress=False)
+    assert res.info["symmetry"] == "dihedral"
+    e = run(symmetry="none")
+    assert not np.allclose(a, e) and np.array_equal(run(symmetry="dihedral"), a)
+    with pytest.raises(InputError, match="--symmetry must be one of"):
+        map_series_with_bundle(series, bundle_dir=root, symmetry="rotations")
     with pytest.raises(InputError, match="diffusor only"):
         map_series_with_bundle(series, method="resnet", seed=1)

@@ -239,11 +239,14 @@ def test_roi_std_decomposition_separates_pattern_from_noise(twin_layout):
         rad = np.hypot(rows - layout.centres_px[k - 1, 0], cols - layout.centres_px[k - 1, 1])[sel]
         p = rad - rad.mean()
         pattern[sel] = 0.02 * k * p / p.std(ddof=1)  # std over the ROI exactly 0.02 k
-    sigma, n_real = 0.05, 40
-    maps = 1.0 + pattern[None] + sigma * rng.standard_normal((n_real,) + layout.shape)
+    sigma, n_real, shift = 0.05, 40, 0.2
+    # plus a shift of the whole map that changes between realisations: not within-sphere spread
+    offsets = shift * rng.standard_normal(n_real)[:, None, None]
+    maps = 1.0 + pattern[None] + offsets + sigma * rng.standard_normal((n_real,) + layout.shape)
     out = roi_std_decomposition(maps, layout)
     for k, r in enumerate(out, start=1):
         n = r["n_voxels"]
+        assert r["mean_std"] == pytest.approx(offsets.std(ddof=1), rel=0.05)
         assert r["noise"] == pytest.approx(sigma, rel=4 / np.sqrt(n * (n_real - 1)))
         assert r["pattern"] == pytest.approx(0.02 * k, abs=4 * sigma / np.sqrt(n_real) / np.sqrt(2) + 0.002)
         assert r["total"] ** 2 == pytest.approx(r["noise"] ** 2 + r["pattern"] ** 2, rel=0.1)
