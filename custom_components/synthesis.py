@@ -145,19 +145,26 @@ def _object_range(value) -> tuple[int, int]:
 
 def brain_scene(rng: np.random.Generator, slice_index: int, realisation: int, shape: tuple[int, int],
                 wide_t1: bool = False, fov_mm: float = 250.0, deform: bool = True,
-                geometry_seed: int | None = None, wide_t1_objects: tuple[int, int] | None = None) -> dict:
+                geometry_seed: int | None = None, wide_t1_objects: tuple[int, int] | None = None,
+                wide_t1_walls: float | None = None) -> dict:
     """T1/T2/PD maps of a deformed axial slice of the embedded MNI anatomy (no download).
 
     The geometry depends only on (``geometry_seed``, ``slice_index``) so that the realisations of
     one slice share the anatomy, as in the paper (994 slices x 4 parameter realisations); the tissue
     parameters come from ``rng``. ``wide_t1_objects`` (lo, hi) overrides the number of wide-T1
-    objects per slice (default :class:`custom_components.tissues.WideT1`'s (2, 6)).
+    objects per slice (default :class:`custom_components.tissues.WideT1`'s (2, 6)); ``wide_t1_walls``
+    the probability that an object gets a wall without signal (None: 0).
     """
     from . import anatomy, tissues
 
     g = np.random.default_rng([geometry_seed if geometry_seed is not None else 0, slice_index])
     sl = anatomy.sample_slice(g, matrix=shape, fov_mm=fov_mm, deform=deform)
-    wide = tissues.WideT1() if wide_t1_objects is None else tissues.WideT1(n_objects=_object_range(wide_t1_objects))
+    opts = {}
+    if wide_t1_objects is not None:
+        opts["n_objects"] = _object_range(wide_t1_objects)
+    if wide_t1_walls is not None:
+        opts["wall_probability"] = float(wide_t1_walls)
+    wide = tissues.WideT1(**opts)
     maps = tissues.sample_parameter_maps(sl["probs"], rng, wide_t1=wide_t1, wide=wide)
     return {"T1": maps["T1"], "T2": maps["T2"], "PD": maps["PD"], "mask": maps["mask"], "tissue": sl["labels"]}
 
@@ -169,7 +176,9 @@ class SynthesisConfig:
     ``n_slices`` x ``realisations`` items (the paper: 994 x 4 = 3976). ``matrix`` is the image
     size; ``crop`` (optional) renders a random crop of that size instead of the whole slice (what
     a training loop on CPU wants); ``wide_t1`` adds objects with T1 down to 20 ms, and
-    ``wide_t1_objects`` (lo, hi) sets how many per slice (None: the default (2, 6)).
+    ``wide_t1_objects`` (lo, hi) sets how many per slice (None: the default (2, 6)) and
+    ``wide_t1_walls`` the probability that an object has a wall without signal around it, 1-3 px
+    thick, like a vial or a sphere of the NIST/ISMRM phantom (None: no walls).
     """
 
     protocol: str | dict = "paper"
@@ -180,6 +189,7 @@ class SynthesisConfig:
     crop: tuple[int, int] | None = None
     wide_t1: bool = False
     wide_t1_objects: tuple[int, int] | None = None
+    wide_t1_walls: float | None = None
     effects: Effects = field(default_factory=Effects)
     seed: int = 0
     deform: bool = True
@@ -194,6 +204,8 @@ class SynthesisConfig:
                 raise ValueError(f"crop {self.crop} larger than the matrix {self.matrix}")
         if self.wide_t1_objects is not None:
             self.wide_t1_objects = _object_range(self.wide_t1_objects)
+        if self.wide_t1_walls is not None and not 0.0 <= float(self.wide_t1_walls) <= 1.0:
+            raise ValueError(f"wide_t1_walls must be a probability in [0, 1], got {self.wide_t1_walls!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -233,7 +245,7 @@ class SyntheticIRDataset(torch.utils.data.Dataset):
             return self.scene_fn(rng, s, r, shape)
         c = self.config
         return brain_scene(rng, s, r, shape, wide_t1=c.wide_t1, fov_mm=c.fov_mm, deform=c.deform, geometry_seed=c.seed,
-                           wide_t1_objects=c.wide_t1_objects)
+                           wide_t1_objects=c.wide_t1_objects, wide_t1_walls=c.wide_t1_walls)
 
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):

@@ -113,7 +113,11 @@ class WideT1:
     - T1 log-uniform in ``t1_range_s`` (20 ms, the shortest NIST/ISMRM phantom T1 sphere at 3 T
       is about 21 ms, up to 4.5 s, the top of CSF); T2 = T1 x U(``t2_fraction``) capped at
       ``t2_max_s`` (CSF's upper T2), so T2 < T1; PD uniform in ``pd_range``;
-    - the same :class:`Variation` as tissue.
+    - the same :class:`Variation` as tissue;
+    - with probability ``wall_probability`` a wall: a shell ``wall_px`` (uniform in the range) pixels
+      thick around the ellipse without signal (PD 0, like a vial's plastic or the spheres of the
+      NIST/ISMRM phantom), which replaces what lies beneath. With the default 0 no wall is drawn and
+      the random stream is that of earlier versions.
 
     In addition, when ``global_t1_scale`` is not None every tissue's T1 mean is multiplied by one
     factor per realisation, log-uniform in that range, so whole-brain T1 shifts too.
@@ -127,6 +131,14 @@ class WideT1:
     semi_axis_frac: tuple[float, float] = (0.015, 0.12)
     edge_px: tuple[float, float] = (0.5, 2.0)
     global_t1_scale: tuple[float, float] | None = (0.75, 1.33)
+    wall_probability: float = 0.0
+    wall_px: tuple[float, float] = (1.0, 3.0)
+
+    def __post_init__(self):
+        if not 0.0 <= self.wall_probability <= 1.0:
+            raise ValueError(f"wall_probability must be in [0, 1], got {self.wall_probability}")
+        if not 0.0 < self.wall_px[0] <= self.wall_px[1]:
+            raise ValueError(f"wall_px must satisfy 0 < low <= high, got {self.wall_px}")
 
 
 # A voxel is "in the mask" when its PD is at least this: background (PD 0) and bone (apparent PD at
@@ -272,16 +284,20 @@ def sample_parameter_maps(tissue, rng: np.random.Generator | int | None = None, 
             t2 = float(min(t1 * rng.uniform(*wide.t2_fraction), wide.t2_max_s))
             pd = float(rng.uniform(*wide.pd_range))
             alpha = _ellipse_alpha(shape, centre, semi_axes, angle, edge)
-            keep = 1.0 - alpha
+            wall_px = 0.0
+            if wide.wall_probability > 0 and rng.uniform() < wide.wall_probability:
+                wall_px = float(rng.uniform(*wide.wall_px))
+            outer = alpha if wall_px == 0 else _ellipse_alpha(shape, centre, semi_axes + wall_px, angle, edge)
+            keep = 1.0 - outer
             comp_fraction = [f * keep for f in comp_fraction]
-            background = background * keep
+            background = background * keep + np.clip(outer - alpha, 0.0, 1.0)  # the wall carries no signal
             comp_fraction.append(alpha)
             obj_t1 = t1 * obj_factors[k, 0]
             comp_t1.append(obj_t1)
             comp_t2.append(np.minimum(t2 * obj_factors[k, 1], obj_t1))
             comp_pd.append(np.minimum(pd * obj_factors[k, 2], 1.0))
             objects.append({"centre": tuple(float(x) for x in centre), "semi_axes": tuple(float(x) for x in semi_axes),
-                            "angle": angle, "T1_s": t1, "T2_s": t2, "PD": pd})
+                            "angle": angle, "T1_s": t1, "T2_s": t2, "PD": pd, "wall_px": wall_px})
 
     bg_t1, bg_t2, _ = means[Tissue.BACKGROUND]
     pd_map = np.zeros(shape, dtype=np.float32)

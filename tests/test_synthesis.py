@@ -51,6 +51,45 @@ def test_crop_and_wide_t1():
     assert (t1 < 0.1).any()
 
 
+def test_wide_t1_walls_put_a_shell_without_signal_around_objects(monkeypatch):
+    """With ``wall_probability`` 1 every object sits in a ring of PD 0 (1-3 px) that replaces the
+    tissue beneath; the default draws no wall and leaves the random stream unchanged."""
+    from custom_components.anatomy import Tissue
+    from custom_components.tissues import WideT1, sample_parameter_maps
+
+    labels = np.full((96, 96), int(Tissue.WM))
+    plain = sample_parameter_maps(labels, 11, wide_t1=True)
+    assert all(o["wall_px"] == 0 for o in plain["objects"])
+    again = sample_parameter_maps(labels, 11, wide_t1=True, wide=WideT1(wall_probability=0.0))
+    assert np.array_equal(plain["T1"], again["T1"]) and np.array_equal(plain["PD"], again["PD"])
+    walled = sample_parameter_maps(labels, 11, wide_t1=True, wide=WideT1(n_objects=(1, 1), wall_probability=1.0,
+                                                                        semi_axis_frac=(0.1, 0.1), edge_px=(0.5, 0.5)))
+    (obj,) = walled["objects"]
+    assert 1.0 <= obj["wall_px"] <= 3.0
+    rr, cc = np.mgrid[:96, :96]
+    a = obj["semi_axes"][0]  # a circle: both semi-axes 9.6 px
+    dist = np.hypot(rr - obj["centre"][0], cc - obj["centre"][1]) - a  # signed distance to the object's border
+    inside, ring, outside = dist < -1, (dist > 0.5) & (dist < obj["wall_px"] - 0.5), dist > obj["wall_px"] + 1
+    on_image = (rr > 0) & (rr < 95) & (cc > 0) & (cc < 95)
+    assert ring[on_image].any() and (walled["PD"][ring & on_image] == 0).all()
+    assert (walled["PD"][inside & on_image] > 0.4).all() and (walled["PD"][outside & on_image] > 0.4).all()
+    # the dataset option reaches the tissue sampler
+    import custom_components.tissues as T
+
+    walls = []
+    real = T.sample_parameter_maps
+    monkeypatch.setattr(T, "sample_parameter_maps", lambda *a, **kw: (lambda out: walls.extend(
+        o["wall_px"] for o in out["objects"]) or out)(real(*a, **kw)))
+    ds = SyntheticIRDataset(SynthesisConfig(seed=0, wide_t1=True, wide_t1_walls=1.0, **SMALL))
+    ds[0], ds[1]
+    assert walls and all(1.0 <= w <= 3.0 for w in walls)
+    assert SynthesisConfig(wide_t1_walls=0.5).wide_t1_walls == 0.5
+    with pytest.raises(ValueError, match="wide_t1_walls"):
+        SynthesisConfig(wide_t1_walls=1.5)
+    with pytest.raises(ValueError, match="wall_probability"):
+        WideT1(wall_probability=-0.1)
+
+
 def test_wide_t1_objects_sets_the_object_count(monkeypatch):
     """``wide_t1_objects`` reaches the tissue sampler; no objects leave only brain tissue T1."""
     import custom_components.tissues as T
