@@ -53,8 +53,8 @@ class QMRI:
     def map(self, input: str, out: str, method: str = "mle", mask: str | None = None, tis=None, tr=None,
             noise: str = "rician", n_coils: int = 1, sigma: float | None = None, overwrite: bool = False,
             samples: int | None = None, steps: int | None = None, sampler: str | None = None,
-            symmetry: str | None = None, device: str = "cpu", bundle: str | None = None, weights: str | None = None, quiet: bool = False, bids: bool = False,
-            subject: str | None = None, session: str | None = None):
+            symmetry: str | None = None, device: str = "cpu", bundle: str | None = None, weights: str | None = None,
+            quiet: bool = False, bids: bool = False, subject: str | None = None, session: str | None = None):
         """Map T1 (s), PD and inversion efficiency B from an IR series; write NIfTI maps with JSON sidecars.
 
         Args:
@@ -109,7 +109,8 @@ class QMRI:
             if m.ndim == 2 and len(series.spatial_shape) == 3 and series.spatial_shape[2] == 1:
                 m = m[:, :, None]
         res = map_series(series, method=method, mask=m, noise=noise, n_coils=int(n_coils), sigma=sigma, progress=not quiet,
-                         samples=samples, steps=steps, sampler=sampler, symmetry=symmetry, device=device, bundle_dir=bundle, weights=weights)
+                         samples=samples, steps=steps, sampler=sampler, symmetry=symmetry, device=device,
+                         bundle_dir=bundle, weights=weights)
         if bids:
             written = save_bids_derivatives(out, output_arrays(res), series.affine, sidecars_for(res, series, method),
                                             subject=str(sub), session=None if ses is None else str(ses), method=method,

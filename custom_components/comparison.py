@@ -598,8 +598,8 @@ def run_comparison(out_dir: str | Path = "docs", brain_slices: int = 4, low_snr:
           f"Diffusor {samples} samples x {steps} DPM-Solver++ steps) on {date.today()}, {platform.machine()} CPU, "
           f"{torch.get_num_threads()} threads, Python {platform.python_version()}, torch {torch.__version__}. "
           "Every number below comes from this one command with the shipped weights; nothing is tuned on these cases.", ""]
-    md += ["Methods: " + "; ".join(f"**{s.label}** (`{s.method}`" + (f", {Path(s.options['weights']).name}" if "weights" in s.options else "")
-                                   + ")" for s in specs) + ".", ""]
+    methods_line = len(md)  # filled in after the first maps: the Diffusor's ensemble settings come from its results
+    md += ["", ""]
 
     # 1. phantom
     md += ["## 1. The digital NIST phantom (the paper's Table 1)", "",
@@ -616,6 +616,8 @@ def run_comparison(out_dir: str | Path = "docs", brain_slices: int = 4, low_snr:
             log(f"twin SNR {snr:g}: {s.label}")
             res[s.key] = run_method(case, s)
         twin_results[snr] = (case, res)
+        if snr == 50.0:
+            md[methods_line] = methods_sentence(specs, res)
         text, summ = phantom_section(case, res, specs)
         twin_summ[snr] = summ
         md += [f"### SNR {snr:g}", "", text, ""]
@@ -706,6 +708,19 @@ def run_comparison(out_dir: str | Path = "docs", brain_slices: int = 4, low_snr:
     return path
 
 
+def methods_sentence(specs: list[MethodSpec], results: dict) -> str:
+    """The report's list of methods, with each one's weights and, for the Diffusor, the frames its
+    ensemble members were drawn in (from the ``info`` of its results)."""
+    parts = []
+    for s in specs:
+        extra = [Path(s.options["weights"]).name] if "weights" in s.options else []
+        info = results[s.key].info if s.key in results else {}
+        if s.method == "diffusor" and info.get("symmetry") not in (None, "none"):
+            extra.append(f"members in the {info['symmetry']} frames of the grid")
+        parts.append(f"**{s.label}** (`{s.method}`" + "".join(", " + e for e in extra) + ")")
+    return "Methods: " + "; ".join(parts) + "."
+
+
 def _unc_row(label, sampler, u, factor=None):
     cov = u["coverage"]
     c1, c2 = cov.get(1.0, float("nan")), cov.get(2.0, float("nan"))
@@ -750,5 +765,5 @@ def verdicts(summ: dict, specs: list[MethodSpec]) -> list[str]:
     return out
 
 
-__all__ = ["MethodSpec", "Case", "default_methods", "twin_case", "brain_cases", "run_method", "run_comparison",
+__all__ = ["MethodSpec", "Case", "default_methods", "methods_sentence", "twin_case", "brain_cases", "run_method", "run_comparison",
            "phantom_section", "brain_section", "uncertainty_rows", "flag_rows", "verdicts", "speed_probe"]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from custom_components.cli import main
-from custom_components.comparison import (Case, MethodSpec, Result, brain_cases, brain_section, phantom_section, run_comparison,
-                                          twin_case, verdicts)
+from custom_components.comparison import (Case, MethodSpec, Result, brain_cases, brain_section, methods_sentence,
+                                          phantom_section, run_comparison, twin_case, verdicts)
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "nist_phantom_ir"
 
@@ -48,6 +48,14 @@ def test_compare_writes_the_report(tmp_path):
     if REAL.exists():
         assert "site1_20200218 | plate5 (T1)" in text
     assert not list(out.glob("*.tmp"))
+
+
+def test_methods_sentence_names_weights_and_the_diffusor_frames():
+    specs = [MethodSpec("mle", "fit", "mle"), MethodSpec("d", "Diffusor", "diffusor", {"weights": "/x/model_fitcond.pt"}),
+             MethodSpec("p", "plain", "diffusor", {"weights": "/x/model.pt"})]
+    res = {"mle": Result({}, 0.0, {}), "d": Result({}, 0.0, {"symmetry": "dihedral"}), "p": Result({}, 0.0, {"symmetry": "none"})}
+    assert methods_sentence(specs, res) == ("Methods: **fit** (`mle`); **Diffusor** (`diffusor`, model_fitcond.pt, members in "
+                                            "the dihedral frames of the grid); **plain** (`diffusor`, model.pt).")
 
 
 def test_compare_refuses_bad_arguments(tmp_path, capsys):
