@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from custom_components.cli import main
-from custom_components.comparison import (Case, MethodSpec, Result, brain_cases, brain_section, methods_sentence,
+from custom_components.comparison import (Case, MethodSpec, Result, brain_cases, brain_section, further_slice_seconds,
+                                          methods_sentence,
                                           phantom_section, run_comparison, twin_case, verdicts)
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "nist_phantom_ir"
@@ -56,6 +57,12 @@ def test_methods_sentence_names_weights_and_the_diffusor_frames():
     res = {"mle": Result({}, 0.0, {}), "d": Result({}, 0.0, {"symmetry": "dihedral"}), "p": Result({}, 0.0, {"symmetry": "none"})}
     assert methods_sentence(specs, res) == ("Methods: **fit** (`mle`); **Diffusor** (`diffusor`, model_fitcond.pt, members in "
                                             "the dihedral frames of the grid); **plain** (`diffusor`, model.pt).")
+
+
+def test_further_slice_cost_is_the_difference_or_named_timing_noise():
+    assert further_slice_seconds(60.7, 110.6) == "49.9"
+    assert further_slice_seconds(3.3, 3.1) == "< 0.1 (timing noise)"  # the 2-slice run was faster: not a negative cost
+    assert further_slice_seconds(1.0, 1.04) == "< 0.1 (timing noise)"
 
 
 def test_compare_refuses_bad_arguments(tmp_path, capsys):
