@@ -775,5 +775,5 @@ def verdicts(summ: dict, specs: list[MethodSpec]) -> list[str]:
     return out
 
 
-__all__ = ["MethodSpec", "Case", "default_methods", "methods_sentence", "twin_case", "brain_cases", "run_method", "run_comparison",
+__all__ = ["MethodSpec", "Case", "default_methods", "further_slice_seconds", "methods_sentence", "twin_case", "brain_cases", "run_method", "run_comparison",
            "phantom_section", "brain_section", "uncertainty_rows", "flag_rows", "verdicts", "speed_probe"]

@@ -32,7 +32,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--symmetry", default=None, help="frames of the ensemble (default: the bundle's, dihedral)")
-    ap.add_argument("--max_batch", type=int, default=None, help="samples per network call (default: the bundle's, 40)")
+    ap.add_argument("--max_batch", type=int, default=None, help="samples per network call (default: the bundle's: 2 on a CPU, 40 on a GPU)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)

@@ -7,8 +7,7 @@ import pytest
 
 from custom_components.cli import main
 from custom_components.comparison import (Case, MethodSpec, Result, brain_cases, brain_section, further_slice_seconds,
-                                          methods_sentence,
-                                          phantom_section, run_comparison, twin_case, verdicts)
+                                          methods_sentence, phantom_section, run_comparison, twin_case, verdicts)
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "nist_phantom_ir"
 
