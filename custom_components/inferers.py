@@ -286,6 +286,8 @@ class EnsembleDDPMInferer(Inferer):
         member_frames(1, symmetry)  # a bad value fails here
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if int(n_samples) < 1:
+            raise ValueError(f"n_samples must be at least 1, got {n_samples}")
         self.scheduler = scheduler
         self.n_samples = int(n_samples)
         self.sampler = sampler

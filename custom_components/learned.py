@@ -193,10 +193,13 @@ def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, met
                                    ("symmetry", symmetry)) if v is not None}
     if method != "diffusor" and overrides:
         raise InputError(f"--samples/--steps/--sampler/--seed/--symmetry apply to the diffusor only, not to {method}")
-    from .inferers import SYMMETRIES
+    from .inferers import SAMPLERS, SYMMETRIES
 
-    if symmetry is not None and symmetry not in SYMMETRIES:
-        raise InputError(f"--symmetry must be one of {', '.join(SYMMETRIES)}, got {symmetry!r}")
+    for flag, value, choices in (("sampler", sampler, SAMPLERS), ("symmetry", symmetry, SYMMETRIES)):
+        if value is not None and value not in choices:
+            raise InputError(f"--{flag} must be one of {', '.join(choices)}, got {value!r}")
+    if samples is not None and int(samples) < 1:
+        raise InputError(f"--samples must be at least 1, got {samples}")
     mapper = BundleMapper(bundle_dir, weights, overrides, device, method=method)
     mapper.check_protocol(series)
     data = series.data  # (X, Y, Z, N)

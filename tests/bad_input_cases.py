@@ -276,6 +276,14 @@ def diffusor_symmetry_unknown(d):
     return _map(_nifti(d), "--method", "diffusor", "--symmetry", "rotations")
 
 
+def diffusor_sampler_unknown(d):
+    return _map(_nifti(d), "--method", "diffusor", "--sampler", "euler")
+
+
+def diffusor_no_samples(d):
+    return _map(_nifti(d), "--method", "diffusor", "--samples", "0")
+
+
 def _card(path: Path, method: str):
     card = json.loads((REPO / "bundles" / method / "models" / "model.json").read_text())
     path.write_text(json.dumps(card))
@@ -331,6 +339,10 @@ CASES = [
     Case("weights_file_missing", "--weights pointing nowhere", weights_file_missing, "nowhere.pt"),
     Case("diffusor_symmetry_unknown", "--symmetry rotations (the Diffusor knows none, flips, dihedral)",
          diffusor_symmetry_unknown, "--symmetry must be one of"),
+    Case("diffusor_sampler_unknown", "--sampler euler (the Diffusor knows dpm++2m, ddim, ddpm)", diffusor_sampler_unknown,
+         "--sampler must be one of"),
+    Case("diffusor_no_samples", "--samples 0 (an ensemble needs at least one member)", diffusor_no_samples,
+         "--samples must be at least 1"),
 ]
 
 

@@ -118,6 +118,8 @@ def test_frame_transforms_are_the_eight_symmetries_of_the_grid():
     assert member_frames(5, "flips") == [0, 1, 2, 3, 0] and member_frames(3) == [0, 0, 0]
     with pytest.raises(ValueError, match="symmetry must be one of"):
         EnsembleDDPMInferer(ddpm_scheduler(), symmetry="rotations")
+    with pytest.raises(ValueError, match="n_samples must be at least 1"):
+        EnsembleDDPMInferer(ddpm_scheduler(), n_samples=0)
 
 
 @pytest.mark.parametrize("symmetry", ["flips", "dihedral"])
@@ -426,5 +428,9 @@ def test_sampler_seed_override(trained_tiny):
     assert not np.allclose(a, e) and np.array_equal(run(symmetry="dihedral"), a)
     with pytest.raises(InputError, match="--symmetry must be one of"):
         map_series_with_bundle(series, bundle_dir=root, symmetry="rotations")
+    with pytest.raises(InputError, match="--sampler must be one of dpm"):
+        map_series_with_bundle(series, bundle_dir=root, sampler="euler")
+    with pytest.raises(InputError, match="--samples must be at least 1"):
+        map_series_with_bundle(series, bundle_dir=root, samples=0)
     with pytest.raises(InputError, match="diffusor only"):
         map_series_with_bundle(series, method="resnet", seed=1)
