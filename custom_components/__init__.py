@@ -1,10 +1,20 @@
 """qMRI Diffusor: T1, proton-density and inversion-efficiency mapping from inversion-recovery images.
 
-Modules are named for what they do: ``protocol`` (acquisition), ``signal_model`` (the IR signal,
-its Jacobian and the Cramér-Rao bound), ``noise`` and ``image_formation`` (how scanner images come
-about), ``anatomy`` and ``tissues`` (where synthetic brains come from), ``synthesis`` (training
-data), ``phantoms`` (the NIST/ISMRM digital twin), ``fitting`` (the classical fit), ``io``
-(NIfTI, BIDS and DICOM), ``evaluation`` (phantom reports) and ``cli`` (the ``qmri`` command).
+The folders are the layers, each importing only the ones before it (tests/test_architecture.py):
+
+- ``physics``: the acquisition ``protocol``, the ``signal_model`` (signal, Jacobian, Cramér-Rao
+  bound) and ``image_formation`` (noise, echo-train blurring, k-space truncation);
+- ``io``: reading NIfTI, BIDS and DICOM series, writing maps and derivatives;
+- ``data``: ``anatomy`` and ``tissues`` (synthetic brains), ``synthesis`` (training scenes),
+  ``phantoms`` (the NIST/ISMRM digital twin);
+- ``methods``: the classical ``fitting``, ``networks``, diffusion ``inferers``, the ``rim``, ``scaling``;
+- ``bundle``: what the MONAI bundles are made of (transforms, metrics, training and weights cards,
+  packaging);
+- ``mapping``: the output contract, ``map_series`` for every method, learned methods through their
+  bundles, the physics-consistency check;
+- ``reporting``: phantom evaluation, map metrics, the side-by-side comparison;
+- ``cli``: the ``qmri`` command.
+
 T1 is in seconds everywhere inside the package.
 """
 

@@ -142,8 +142,8 @@ class QMRI:
             b: constant inversion efficiency; default a smooth field in 1.8-2.0.
         """
         from .io import InputError, save_maps, save_series
-        from .protocol import get_protocol
-        from .synthesis import Effects, nist_twin
+        from .physics.protocol import get_protocol
+        from .data.synthesis import Effects, nist_twin
 
         out_dir = Path(out)
         if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -177,7 +177,7 @@ class QMRI:
         Items are those of the on-the-fly dataset with the same settings (deterministic for --seed):
         item-XXXXX_IRT1.nii.gz (images, + sidecar), item-XXXXX_label.nii.gz (T1 s, PD, B), _mask, dataset.json.
         """
-        from .synthesis import Effects, SynthesisConfig, write_dataset
+        from .data.synthesis import Effects, SynthesisConfig, write_dataset
 
         n = int(n)
         if n < 1:
@@ -196,9 +196,9 @@ class QMRI:
         The 14 spheres are located from the map itself (no per-scan coordinates). T1MAP is a NIfTI
         T1 map in s (e.g. OUT/T1map.nii.gz of `qmri map`), one slice through the sphere plate.
         """
-        from .evaluation import format_table_markdown, locate_spheres, sphere_table
+        from .reporting.evaluation import format_table_markdown, locate_spheres, sphere_table
         from .io import InputError, load_nifti_map
-        from .phantoms import reference_values
+        from .data.phantoms import reference_values
 
         t1, affine = load_nifti_map(t1map)
         t1 = np.squeeze(t1)
@@ -234,7 +234,7 @@ class QMRI:
         """
         import torch
 
-        from .comparison import run_comparison, update_real_scan_section
+        from .reporting.comparison import run_comparison, update_real_scan_section
 
         for name, v in (("--brain_slices", brain_slices), ("--samples", samples), ("--steps", steps), ("--ddpm_crop", ddpm_crop)):
             if int(v) < 1:
@@ -255,7 +255,7 @@ class QMRI:
         """Record a new version of a bundle after its configs or weights changed: bump metadata.json's
         version (must go up), put NOTE first in its changelog, record the content hash and (with
         --versions, the default) the installed monai/torch/numpy versions."""
-        from .packaging import installed_versions, release
+        from .bundle.packaging import installed_versions, release
 
         meta = release(bundle, str(version), note, installed_versions() if versions else None)
         print(f"{bundle}: version {meta['version']}")
@@ -264,21 +264,21 @@ class QMRI:
         """Pack a bundle into OUT/<name>.zip for sharing (configs, models, docs, LICENSE) after checking its
         metadata and that its version matches its content. Then, anywhere, offline:
         python -m monai.bundle download --name <name> --url file:///abs/path/<name>.zip --bundle_dir DIR"""
-        from .packaging import pack_bundle
+        from .bundle.packaging import pack_bundle
 
         print(f"-> {pack_bundle(bundle, out, name=name, overwrite=bool(overwrite))}")
 
     def unpack(self, zip: str, bundle_dir: str = "bundles", overwrite: bool = False):
         """Unpack a shared bundle zip into BUNDLE_DIR/<name>, all or nothing, refusing any entry that could
         land outside it (absolute paths, '..', links)."""
-        from .packaging import unpack_bundle
+        from .bundle.packaging import unpack_bundle
 
         print(f"-> {unpack_bundle(zip, bundle_dir, overwrite=bool(overwrite))}")
 
     def crlb(self, protocol: str = "paper", t1="0.2,0.5,1,2,4", snr="20,50,100", b: float = 2.0):
         """Cramér-Rao bound of T1 (ms and %) for a protocol (PD 1, Gaussian noise, T1/PD/B free)."""
-        from .protocol import get_protocol
-        from .signal_model import crlb_t1_table
+        from .physics.protocol import get_protocol
+        from .physics.signal_model import crlb_t1_table
 
         p = get_protocol(protocol)
         t1s, snrs = _floats(t1, "--t1"), _floats(snr, "--snr")
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     import fire
 
     from .io import InputError
-    from .protocol import ProtocolError
+    from .physics.protocol import ProtocolError
 
     argv = _quote_labels(sys.argv[1:] if argv is None else list(argv))
     try:

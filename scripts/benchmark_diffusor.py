@@ -37,9 +37,9 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    from custom_components.evaluation import locate_spheres, roi_statistics
-    from custom_components.learned import DiffusorMapper
-    from custom_components.synthesis import Effects, nist_twin
+    from custom_components.reporting.evaluation import locate_spheres, roi_statistics
+    from custom_components.mapping.learned import DiffusorMapper
+    from custom_components.data.synthesis import Effects, nist_twin
 
     tw = nist_twin("paper", snr=50, effects=Effects(noise="rician", echo_train=True), seed=0)
     ref = tw["reference"]["T1_s"]
@@ -63,7 +63,7 @@ def main():
         rows.append((f"DPM-Solver++(2M), {steps} steps", mapper.inferer.network_evaluations, f"{dt:.1f}",
                      f"{np.mean(err):.1f} / {np.max(err):.1f}", f"{np.mean(wstd):.1f}", f"{np.mean(estd):.1f}"))
     # one batched network evaluation of the ensemble on the whole slice
-    from custom_components.scaling import signal_scale
+    from custom_components.methods.scaling import signal_scale
 
     img = torch.as_tensor(tw["image"], dtype=torch.float32)
     cond = (img / signal_scale(img))[None].repeat(a.samples, 1, 1, 1)

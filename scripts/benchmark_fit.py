@@ -28,10 +28,10 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    from custom_components.fitting import InversionRecoveryModel
-    from custom_components.image_formation import add_rician_noise
-    from custom_components.protocol import paper_protocol
-    from custom_components.signal_model import signal
+    from custom_components.methods.fitting import InversionRecoveryModel
+    from custom_components.physics.image_formation import add_rician_noise
+    from custom_components.physics.protocol import paper_protocol
+    from custom_components.physics.signal_model import signal
 
     prot = paper_protocol()
     rng = np.random.default_rng(0)

@@ -49,11 +49,11 @@ def main():
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from custom_components.evaluation import format_table_markdown, locate_spheres, sphere_table
-    from custom_components.fitting import fit_ir
+    from custom_components.reporting.evaluation import format_table_markdown, locate_spheres, sphere_table
+    from custom_components.methods.fitting import fit_ir
     from custom_components.io import save_maps
-    from custom_components.protocol import paper_protocol
-    from custom_components.synthesis import Effects, SynthesisConfig, SyntheticIRDataset, nist_twin
+    from custom_components.physics.protocol import paper_protocol
+    from custom_components.data.synthesis import Effects, SynthesisConfig, SyntheticIRDataset, nist_twin
 
     prot = paper_protocol()
     summary = [f"# qMRI demo: classical Rician-ML fit, paper protocol (7 TIs), SNR {a.snr:g}", ""]

@@ -29,8 +29,8 @@ import numpy as np
 
 def run(method: str, seeds: int, snr: float, protocol: str = "paper", echo_train: bool = True,
         vary_sampler_seed: bool = False, **kw):
-    from custom_components.comparison import twin_case
-    from custom_components.evaluation import locate_spheres, roi_statistics
+    from custom_components.reporting.comparison import twin_case
+    from custom_components.reporting.evaluation import locate_spheres, roi_statistics
     from custom_components.mapping import map_series
 
     per_seed = []
@@ -58,11 +58,11 @@ def run(method: str, seeds: int, snr: float, protocol: str = "paper", echo_train
 def decomposition_table(method_maps, fit_maps, layout, ref, label) -> str:
     """Within-sphere std split into noise (changes between realisations) and a spatial pattern
     (the same in every realisation) for the method and the classical fit."""
-    from custom_components.evaluation import roi_std_decomposition
+    from custom_components.reporting.evaluation import roi_std_decomposition
 
     dm, df = roi_std_decomposition(method_maps, layout), roi_std_decomposition(fit_maps, layout)
     lines = [f"Within-sphere T1 std (ms) split over {method_maps.shape[0]} noise realisations "
-             "(`custom_components.evaluation.roi_std_decomposition`): noise = the part that changes between "
+             "(`custom_components.reporting.evaluation.roi_std_decomposition`): noise = the part that changes between "
              "realisations within the ROI, pattern = the part that does not (a bias varying over the ROI), "
              "shift = the std over realisations of the ROI mean (not part of the within-sphere std).", "",
              f"| sphere | reference T1 (ms) | {label}: total / noise / pattern / shift | classical fit: total / noise / pattern / shift |",

@@ -27,10 +27,10 @@ def main():
     ap.add_argument("--method", default="mle")
     a = ap.parse_args()
 
-    from custom_components.evaluation import format_table_markdown, locate_spheres, sphere_table, table_summary
+    from custom_components.reporting.evaluation import format_table_markdown, locate_spheres, sphere_table, table_summary
     from custom_components.io import load_series, save_maps
     from custom_components.mapping import map_series, output_arrays, sidecars_for
-    from custom_components.phantoms import reference_values
+    from custom_components.data.phantoms import reference_values
 
     folders = sorted(p for p in Path(a.data).glob("site*/plate*") if p.is_dir())
     if not folders:

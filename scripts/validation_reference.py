@@ -22,10 +22,10 @@ def main():
     a = ap.parse_args()
     from monai.bundle import ConfigParser
 
-    from custom_components.fitting import fit_ir
-    from custom_components.metrics import relative_map_error
-    from custom_components.protocol import get_protocol
-    from custom_components.transforms import SyntheticItemd
+    from custom_components.methods.fitting import fit_ir
+    from custom_components.bundle.metrics import relative_map_error
+    from custom_components.physics.protocol import get_protocol
+    from custom_components.bundle.transforms import SyntheticItemd
 
     p = ConfigParser()
     p.read_config(f"{a.bundle}/configs/train.json")

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from custom_components.io import save_bids_irt1, save_series
-from custom_components.protocol import get_protocol, nist_15t_protocol
-from custom_components.signal_model import signal
+from custom_components.physics.protocol import get_protocol, nist_15t_protocol
+from custom_components.physics.signal_model import signal
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = "maps"  # every case writes (or would write) into <folder>/maps

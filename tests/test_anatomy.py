@@ -6,8 +6,8 @@ import time
 import numpy as np
 import pytest
 
-from custom_components import anatomy as A
-from custom_components.anatomy import N_TISSUES, Tissue
+from custom_components.data import anatomy as A
+from custom_components.data.anatomy import N_TISSUES, Tissue
 
 
 @pytest.fixture(scope="module")

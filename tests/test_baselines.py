@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from custom_components.protocol import get_protocol
-from custom_components.rim import (RecurrentInferenceMachine, StepwiseMSELoss, initial_estimate, likelihood_gradient,
+from custom_components.physics.protocol import get_protocol
+from custom_components.methods.rim import (RecurrentInferenceMachine, StepwiseMSELoss, initial_estimate, likelihood_gradient,
                                    to_network_space)
-from custom_components.signal_model import jacobian, signal
+from custom_components.physics.signal_model import jacobian, signal
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--network_preset", "tiny", "--n_train_slices", "2", "--n_val_slices", "1", "--crop_size", "32",
@@ -133,7 +133,7 @@ def trained(request, tmp_path_factory):
 
 def _twin_file(path, protocol="paper", matrix=40):
     from custom_components.io import save_series
-    from custom_components.synthesis import Effects, nist_twin
+    from custom_components.data.synthesis import Effects, nist_twin
 
     tw = nist_twin(protocol, snr=50, effects=Effects(echo_train=False), matrix=(matrix, matrix))
     save_series(path, tw["image"].transpose(1, 2, 0)[:, :, None, :], np.eye(4), get_protocol(protocol))
@@ -181,7 +181,7 @@ def test_one_command_trains_a_model_for_another_protocol(trained, tmp_path):
     and its own checkpoint beside the paper model's, which stay as they were; `qmri map --weights`
     then maps that protocol with it (and `qmri compare` finds it by its card)."""
     from custom_components.cli import main
-    from custom_components.training import read_weights_card
+    from custom_components.bundle.training import read_weights_card
 
     method, root = trained
     before = {p.name: p.read_bytes() for p in (root / "models").glob("*") if p.is_file()}
@@ -197,7 +197,7 @@ def test_one_command_trains_a_model_for_another_protocol(trained, tmp_path):
     assert main(["map", str(n15), "--out", str(tmp_path / "m"), "--method", method, "--bundle", str(root),
                  "--weights", str(models / "model_n15.pt"), "--quiet"]) == 0
     assert nib.load(tmp_path / "m" / "T1map.nii.gz").shape == (40, 40, 1)
-    from custom_components.training import checkpoint_name
+    from custom_components.bundle.training import checkpoint_name
 
     assert checkpoint_name("model") == "checkpoint_last.pt"
     with pytest.raises(ValueError, match="plain file stem"):
@@ -219,7 +219,7 @@ def test_baseline_check_properties(trained):
 
 def test_resnet_exports_to_torchscript(tmp_path):
     """`monai.bundle ckpt_export` writes a TorchScript ResNet that gives the eager network's output."""
-    from custom_components.networks import resnet_mapper
+    from custom_components.methods.networks import resnet_mapper
 
     net = resnet_mapper("tiny").eval()
     torch.save(net.state_dict(), tmp_path / "model.pt")
@@ -235,7 +235,7 @@ def test_resnet_exports_to_torchscript(tmp_path):
 
 
 def test_cosine_learning_rate():
-    from custom_components.training import cosine_learning_rate
+    from custom_components.bundle.training import cosine_learning_rate
 
     assert cosine_learning_rate(5, 1e-3, 1e-5, 10, 20) == 1e-3
     assert cosine_learning_rate(15, 1e-3, 1e-5, 10, 20) == pytest.approx((1e-3 + 1e-5) / 2)
@@ -261,9 +261,9 @@ def test_validation_curve_script_reads_training_logs(tmp_path, capsys):
 def test_shipped_rim_improves_its_estimate_over_the_steps_on_a_synthetic_slice():
     """The shipped RIM on a held-out synthetic brain slice: the T1 error in tissue falls from the
     start (T1 = 1 s everywhere) through the steps, and the last step is the best third of them."""
-    from custom_components.scaling import QMRIScaled, decode_maps
-    from custom_components.synthesis import SyntheticIRDataset
-    from custom_components.training import load_weights
+    from custom_components.methods.scaling import QMRIScaled, decode_maps
+    from custom_components.data.synthesis import SyntheticIRDataset
+    from custom_components.bundle.training import load_weights
 
     ds = SyntheticIRDataset(protocol="paper", n_slices=994, realisations=4, matrix=(96, 96), wide_t1=True, seed=777)
     item = QMRIScaled(keys=["label"])(ds[4 * 500])

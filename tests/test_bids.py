@@ -10,8 +10,8 @@ import pytest
 from custom_components import __version__
 from custom_components.cli import main
 from custom_components.io import InputError, bids_entities, save_bids_derivatives, save_bids_irt1
-from custom_components.protocol import nist_15t_protocol
-from custom_components.signal_model import signal
+from custom_components.physics.protocol import nist_15t_protocol
+from custom_components.physics.signal_model import signal
 
 
 def _dataset(root):

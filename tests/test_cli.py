@@ -11,8 +11,8 @@ import torch
 
 from custom_components.cli import main
 from custom_components.io import save_series
-from custom_components.protocol import paper_protocol
-from custom_components.signal_model import signal
+from custom_components.physics.protocol import paper_protocol
+from custom_components.physics.signal_model import signal
 
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from custom_components.cli import main
-from custom_components.comparison import (Case, MethodSpec, Result, brain_cases, brain_section, further_slice_seconds,
+from custom_components.reporting.comparison import (Case, MethodSpec, Result, brain_cases, brain_section, further_slice_seconds,
                                           methods_sentence, phantom_section, run_comparison, twin_case, verdicts)
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "nist_phantom_ir"
@@ -71,7 +71,7 @@ def test_compare_refuses_bad_arguments(tmp_path, capsys):
 
 
 def test_case_series_round_trip():
-    from custom_components.protocol import get_protocol
+    from custom_components.physics.protocol import get_protocol
 
     c = Case("x", np.random.rand(7, 8, 6), get_protocol("paper"), np.ones((8, 6), bool))
     s = c.series()
@@ -79,8 +79,8 @@ def test_case_series_round_trip():
 
 
 def test_weights_for_protocol_reads_the_shipped_cards():
-    from custom_components.comparison import weights_for_protocol
-    from custom_components.protocol import get_protocol
+    from custom_components.reporting.comparison import weights_for_protocol
+    from custom_components.physics.protocol import get_protocol
 
     assert weights_for_protocol("diffusor", get_protocol("paper")).name == "model.pt"
     assert weights_for_protocol("diffusor", get_protocol("paper"), fit_condition=True).name == "model_fitcond.pt"
@@ -96,8 +96,8 @@ def test_weights_for_protocol_reads_the_shipped_cards():
 
 
 def test_real_scan_sphere_tables_and_timing_text():
-    from custom_components.comparison import _timing, real_scan_sphere_tables
-    from custom_components.protocol import nist_15t_protocol
+    from custom_components.reporting.comparison import _timing, real_scan_sphere_tables
+    from custom_components.physics.protocol import nist_15t_protocol
 
     assert _timing(nist_15t_protocol()) == "TIs 50, 100, 200, 400, 600, 800 ms, TR 1 s"
     assert _timing(nist_15t_protocol(True)).endswith("TR 1, 1, 1, 1.26, 1.86, 2.46 s")
@@ -112,7 +112,7 @@ def test_real_scan_sphere_tables_and_timing_text():
 
 
 def test_real_scan_verdict_compares_each_model_with_the_fit_on_the_same_scans():
-    from custom_components.comparison import real_scan_verdict
+    from custom_components.reporting.comparison import real_scan_verdict
 
     def rows(err):  # one 0.4-2 s sphere with error err (%), one outside the range that must not count
         return [{"sphere": 1, "reference_ms": 1000.0, "mean_ms": 1000.0 * (1 + err / 100), "std_ms": 10.0,
@@ -128,7 +128,7 @@ def test_real_scan_verdict_compares_each_model_with_the_fit_on_the_same_scans():
 
 
 def test_only_real_scans_replaces_section_4_and_keeps_the_rest(tmp_path, capsys):
-    from custom_components.comparison import update_real_scan_section
+    from custom_components.reporting.comparison import update_real_scan_section
 
     report = tmp_path / "RESULTS.md"
     report.write_text("# R\n\n## 1. Twin\n\nkept 1\n\n## 4. Real scans (old)\n\nold table\n\n## 5. Speed\n\nkept 5\n")

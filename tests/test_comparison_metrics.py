@@ -1,10 +1,10 @@
-"""Known-answer tests of custom_components.map_metrics."""
+"""Known-answer tests of custom_components.reporting.map_metrics."""
 
 import numpy as np
 import pytest
 from scipy import ndimage, stats
 
-from custom_components import map_metrics as mm
+from custom_components.reporting import map_metrics as mm
 
 
 def _structured(rng, shape=(64, 64)):

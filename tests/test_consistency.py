@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from custom_components.cli import main
-from custom_components.consistency import (flag_threshold, residual_chi2, residual_flag, residual_rms,
+from custom_components.mapping.consistency import (flag_threshold, residual_chi2, residual_flag, residual_rms,
                                            resynthesize)
-from custom_components.image_formation import add_rician_noise
+from custom_components.physics.image_formation import add_rician_noise
 from custom_components.io import IRSeries, save_series
 from custom_components.mapping import (MappingResult, add_consistency_maps, map_series, output_arrays,
                                        sidecars_for)
-from custom_components.protocol import get_protocol
-from custom_components.signal_model import signed_signal
+from custom_components.physics.protocol import get_protocol
+from custom_components.physics.signal_model import signed_signal
 
 N_MC = 20000
 
@@ -163,7 +163,7 @@ def test_map_series_adds_the_flag_to_the_classical_fit_and_keeps_its_residual():
     assert set(np.unique(flag)) <= {0.0, 1.0} and np.all(flag[~res.mask] == 0)
     assert res.info["flag_alpha"] == 1e-3 and 0 <= res.info["flagged_fraction"] < 0.02
     # the classical fit's own residual (|model| - data over the fitted voxels) is kept
-    from custom_components.fitting import InversionRecoveryModel
+    from custom_components.methods.fitting import InversionRecoveryModel
 
     fit = InversionRecoveryModel(series.protocol).fit(series.data, mask=res.mask, noise="rician", sigma=res.info["sigma"])
     np.testing.assert_allclose(res.maps["residual"], fit.residual)

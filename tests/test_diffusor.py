@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from custom_components.inferers import (EnsembleDDPMInferer, ddim_sample, ddim_timesteps, ddpm_sample, ddpm_scheduler,
+from custom_components.methods.inferers import (EnsembleDDPMInferer, ddim_sample, ddim_timesteps, ddpm_sample, ddpm_scheduler,
                                         dpmpp2m_sample, ensemble_statistics, frame_transform, logsnr_timesteps,
                                         member_frames, target_for, to_x0_eps)
-from custom_components.scaling import QMRIScaled, decode_maps, encode_maps
+from custom_components.methods.scaling import QMRIScaled, decode_maps, encode_maps
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "diffusor"
@@ -171,8 +171,8 @@ def test_fit_residual_training_target_and_sampling():
     """fit_residual: training diffuses label - fit (the last 3 condition channels); sampling adds the
     fit back. With the exact denoiser of a Gaussian residual N(m, s^2) the ensemble is fit + m with
     spread s; values beyond the data range [-1, 1] are clipped after the sum."""
-    from custom_components.inferers import ConditionalDiffusionPrepareBatch
-    from custom_components.networks import diffusion_unet
+    from custom_components.methods.inferers import ConditionalDiffusionPrepareBatch
+    from custom_components.methods.networks import diffusion_unet
 
     sch = ddpm_scheduler(prediction_type="sample")
     fit = torch.tensor([-0.5, 0.2, 0.9]).view(1, 3, 1, 1).expand(2, 3, 4, 4)
@@ -232,9 +232,9 @@ def trained_tiny(tmp_path_factory):
 def test_train_resume_and_infer_through_monai_bundle(trained_tiny, tmp_path):
     root = trained_tiny
     assert (root / "models" / "model.pt").exists()
-    from custom_components.synthesis import Effects, nist_twin
+    from custom_components.data.synthesis import Effects, nist_twin
     from custom_components.io import save_series
-    from custom_components.protocol import paper_protocol
+    from custom_components.physics.protocol import paper_protocol
     tw = nist_twin("paper", snr=50, effects=Effects(echo_train=False), matrix=(48, 48), fov_mm=250.0)
     save_series(tmp_path / "twin.nii.gz", tw["image"].transpose(1, 2, 0)[:, :, None, :], np.eye(4), paper_protocol())
     _run(["--config_file", str(root / "configs" / "inference.json"), "--bundle_root", str(root), "--network_preset", "tiny",
@@ -262,8 +262,8 @@ def test_check_properties(trained_tiny):
 def test_qmri_map_with_diffusor_and_protocol_check(trained_tiny, tmp_path, capsys):
     from custom_components.cli import main
     from custom_components.io import save_series
-    from custom_components.protocol import nist_15t_protocol, paper_protocol
-    from custom_components.synthesis import Effects, nist_twin
+    from custom_components.physics.protocol import nist_15t_protocol, paper_protocol
+    from custom_components.data.synthesis import Effects, nist_twin
 
     root = trained_tiny
     inf = json.loads((root / "configs" / "inference.json").read_text())
@@ -288,11 +288,11 @@ def test_weights_card_carries_protocol_and_variant(trained_tiny, tmp_path, capsy
     protocol, image count and variant (here: a 6-TI nist15 network, fit residual), and refuses others."""
     from custom_components.cli import main
     from custom_components.io import save_series
-    from custom_components.learned import BundleMapper
-    from custom_components.networks import diffusion_unet
-    from custom_components.protocol import nist_15t_protocol, paper_protocol
-    from custom_components.synthesis import Effects, nist_twin
-    from custom_components.training import read_weights_card, write_weights_card
+    from custom_components.mapping.learned import BundleMapper
+    from custom_components.methods.networks import diffusion_unet
+    from custom_components.physics.protocol import nist_15t_protocol, paper_protocol
+    from custom_components.data.synthesis import Effects, nist_twin
+    from custom_components.bundle.training import read_weights_card, write_weights_card
 
     card = read_weights_card(trained_tiny / "models" / "model.pt")
     assert card["method"] == "diffusor" and card["network_preset"] == "tiny" and card["fit_condition"] is False
@@ -324,8 +324,8 @@ def test_weights_card_carries_protocol_and_variant(trained_tiny, tmp_path, capsy
 
 
 def test_init_from_weights(tmp_path):
-    from custom_components.networks import diffusion_unet
-    from custom_components.training import init_from_weights
+    from custom_components.methods.networks import diffusion_unet
+    from custom_components.bundle.training import init_from_weights
 
     a, b, c = (diffusion_unet("tiny") for _ in range(3))
     torch.save(a.state_dict(), tmp_path / "w.pt")
@@ -338,8 +338,8 @@ def test_init_from_weights_across_protocols(tmp_path):
     """A 7-TI fit-conditioned network warm-starts a 6-TI one: all tensors but the input conv are copied,
     the noisy-map and fit channels keep their weights, and for images constant over TI the first
     convolution gives the same response (the summed image weight is preserved)."""
-    from custom_components.networks import diffusion_unet
-    from custom_components.training import init_from_weights
+    from custom_components.methods.networks import diffusion_unet
+    from custom_components.bundle.training import init_from_weights
 
     torch.manual_seed(0)
     old = diffusion_unet("tiny", n_images=7, fit_condition=True)
@@ -365,8 +365,8 @@ def test_init_from_weights_refuses_another_condition_variant(tmp_path):
     """Images-only weights (3 + 7 input channels) cannot warm-start a fit-conditioned network (3 + 7 + 3):
     without the card the channel count alone would map TIs onto the fit channels."""
     from custom_components.io import InputError
-    from custom_components.networks import diffusion_unet
-    from custom_components.training import init_from_weights, write_weights_card
+    from custom_components.methods.networks import diffusion_unet
+    from custom_components.bundle.training import init_from_weights, write_weights_card
 
     old = diffusion_unet("tiny", n_images=7, fit_condition=False)
     torch.save(old.state_dict(), tmp_path / "w.pt")
@@ -380,8 +380,8 @@ def test_init_from_weights_refuses_another_condition_variant(tmp_path):
 
 
 def test_mapper_detects_fit_conditioned_weights(trained_tiny, tmp_path):
-    from custom_components.learned import DiffusorMapper
-    from custom_components.networks import diffusion_unet
+    from custom_components.mapping.learned import DiffusorMapper
+    from custom_components.methods.networks import diffusion_unet
 
     torch.save(diffusion_unet("tiny", fit_condition=True).state_dict(), tmp_path / "fc.pt")
     m = DiffusorMapper(trained_tiny, tmp_path / "fc.pt", {"network_preset": "tiny", "n_samples": 2, "steps": 2})
@@ -392,7 +392,7 @@ def test_mapper_detects_fit_conditioned_weights(trained_tiny, tmp_path):
 
 
 def test_autocast_dtype_auto_uses_bf16_only_where_the_device_computes_it():
-    from custom_components.inferers import ConditionalDiffusionInferer, ddpm_scheduler, resolve_autocast_dtype
+    from custom_components.methods.inferers import ConditionalDiffusionInferer, ddpm_scheduler, resolve_autocast_dtype
 
     native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     assert resolve_autocast_dtype("auto", "cpu") == (torch.bfloat16 if native else None)
@@ -407,9 +407,9 @@ def test_sampler_seed_override(trained_tiny):
     """``seed`` sets the ensemble's initial noise: the default (the bundle's seed 0) is reproducible,
     seed 0 equals it, another seed gives other samples; the deterministic methods refuse it."""
     from custom_components.io import InputError, IRSeries
-    from custom_components.learned import map_series_with_bundle
-    from custom_components.protocol import paper_protocol
-    from custom_components.synthesis import Effects, nist_twin
+    from custom_components.mapping.learned import map_series_with_bundle
+    from custom_components.physics.protocol import paper_protocol
+    from custom_components.data.synthesis import Effects, nist_twin
 
     root = trained_tiny
     inf = json.loads((root / "configs" / "inference.json").read_text())

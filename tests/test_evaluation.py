@@ -5,7 +5,7 @@ without any fit: the TI of minimum magnitude (about T1 ln 2, earlier with TR 1 s
 with sphere index, and at TI 50 ms the four inner spheres of the T1 plate (T1 65 -> 23 ms, null at
 about 45 -> 16 ms) must get brighter from 11 to 14 while those of the T2 plate (T1 195 -> 83 ms,
 null at about 135 -> 58 ms, so still inverted) must get darker. This fixes the inner-ring order
-(11 upper left, then clockwise) used by :mod:`custom_components.phantoms`.
+(11 upper left, then clockwise) used by :mod:`custom_components.data.phantoms`.
 """
 
 from pathlib import Path
@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from custom_components.evaluation import (SphereLayout, format_table_markdown, locate_spheres, plot_layout,
+from custom_components.reporting.evaluation import (SphereLayout, format_table_markdown, locate_spheres, plot_layout,
                                           roi_statistics, sphere_table, table_summary, ti_of_minimum)
-from custom_components.phantoms import N_SPHERES, nist_phantom_images
-from custom_components.protocol import paper_protocol
+from custom_components.data.phantoms import N_SPHERES, nist_phantom_images
+from custom_components.physics.protocol import paper_protocol
 
 NIST_REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nist_phantom_ir"
 SERIES = [("site1_20200218", "plate5"), ("site2_20180925", "plate5"), ("site3_ge", "plate4"),
@@ -228,7 +228,7 @@ def test_real_scans_single_late_ti_image_agrees(real):
 def test_roi_std_decomposition_separates_pattern_from_noise(twin_layout):
     """Monte Carlo with a known answer: a fixed spatial pattern (a radial bias of known std over
     each ROI) plus independent Gaussian noise of known sigma per realisation."""
-    from custom_components.evaluation import roi_std_decomposition
+    from custom_components.reporting.evaluation import roi_std_decomposition
 
     layout, _ = twin_layout
     rng = np.random.default_rng(7)

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from custom_components.fitting import InversionRecoveryModel, estimate_noise_sigma, fit_ir, signal_mask
-from custom_components.image_formation import add_ncchi_noise, add_rician_noise
-from custom_components.protocol import nist_15t_protocol, paper_protocol
-from custom_components.signal_model import crlb, signal
+from custom_components.methods.fitting import InversionRecoveryModel, estimate_noise_sigma, fit_ir, signal_mask
+from custom_components.physics.image_formation import add_ncchi_noise, add_rician_noise
+from custom_components.physics.protocol import nist_15t_protocol, paper_protocol
+from custom_components.physics.signal_model import crlb, signal
 
 FULL = paper_protocol().with_(repetition_time_s=None)
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from custom_components.image_formation import (add_ncchi_noise, add_rician_noise, apparent_pd, echo_times_per_line,
+from custom_components.physics.image_formation import (add_ncchi_noise, add_rician_noise, apparent_pd, echo_times_per_line,
                                                effective_echo_time_s, fse_blur, ncchi_second_moment, rician_mean,
                                                smooth_inversion_efficiency, truncate_kspace)
-from custom_components.protocol import nist_15t_protocol, paper_protocol
+from custom_components.physics.protocol import nist_15t_protocol, paper_protocol
 
 
 @pytest.mark.parametrize("nu", [0.0, 0.5, 2.0, 10.0])

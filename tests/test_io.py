@@ -15,7 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from custom_components import io
 from custom_components.io import InputError, IRSeries, load_nifti_map, load_series, save_bids_irt1, save_maps, save_series
-from custom_components.protocol import Protocol, nist_15t_protocol, paper_protocol
+from custom_components.physics.protocol import Protocol, nist_15t_protocol, paper_protocol
 
 RNG = np.random.default_rng(0)
 

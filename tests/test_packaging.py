@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from custom_components.cli import main
-from custom_components.packaging import (HASH_KEY, BundleError, content_sha256, metadata_problems, pack_bundle,
+from custom_components.bundle.packaging import (HASH_KEY, BundleError, content_sha256, metadata_problems, pack_bundle,
                                          read_metadata, release, release_problems, unpack_bundle)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,8 +75,8 @@ def test_release_moves_the_version_with_the_content(tmp_path):
 
 def _twin(path):
     from custom_components.io import save_series
-    from custom_components.protocol import get_protocol
-    from custom_components.synthesis import Effects, nist_twin
+    from custom_components.physics.protocol import get_protocol
+    from custom_components.data.synthesis import Effects, nist_twin
 
     tw = nist_twin("paper", snr=50, effects=Effects(echo_train=False), matrix=(32, 32))
     save_series(path, tw["image"].transpose(1, 2, 0)[:, :, None, :], np.eye(4), get_protocol("paper"))
@@ -189,7 +189,7 @@ def test_unpack_refuses_conflicting_entries_with_one_line(tmp_path, entries, mes
 
 
 def test_unpack_refuses_a_zip_bomb_before_writing(tmp_path, monkeypatch):
-    import custom_components.packaging as packaging
+    import custom_components.bundle.packaging as packaging
 
     z = _zip(tmp_path / "b.zip", [("b/configs/metadata.json", "{}"), ("b/models/model.pt", b"\0" * 4096)])
     monkeypatch.setattr(packaging, "MAX_UNPACKED_BYTES", 1024)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from custom_components.phantoms import (BACKGROUND_FLUID, N_SPHERES, REFERENCE_TABLES_MS, nist_phantom_images,
+from custom_components.data.phantoms import (BACKGROUND_FLUID, N_SPHERES, REFERENCE_TABLES_MS, nist_phantom_images,
                                         nist_phantom_maps, plate_geometry, reference_values, sphere_centres_mm)
-from custom_components.protocol import nist_15t_protocol, paper_protocol
-from custom_components.signal_model import signal
+from custom_components.physics.protocol import nist_15t_protocol, paper_protocol
+from custom_components.physics.signal_model import signal
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FACTS = SHARED / "reference" / "facts.md"

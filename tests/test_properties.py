@@ -11,11 +11,11 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from custom_components.fitting import fit_ir
+from custom_components.methods.fitting import fit_ir
 from custom_components.io import InputError, load_series
-from custom_components.protocol import Protocol, ProtocolError
-from custom_components.scaling import decode_maps, encode_maps
-from custom_components.signal_model import jacobian, signal, signed_signal
+from custom_components.physics.protocol import Protocol, ProtocolError
+from custom_components.methods.scaling import decode_maps, encode_maps
+from custom_components.physics.signal_model import jacobian, signal, signed_signal
 
 T1 = st.floats(1e-3, 20.0)  # s
 PD = st.floats(0.0, 1e5)
@@ -77,7 +77,7 @@ def test_jacobian_matches_finite_differences(t1, pd, b, protocol):
        protocol=st.sampled_from(["paper", "nist15"]))
 def test_fit_of_noise_free_data_recovers_the_parameters(t1, pd, b, protocol):
     """Inside the protocol's T1 range, the classical fit of exact data returns the truth."""
-    from custom_components.protocol import get_protocol
+    from custom_components.physics.protocol import get_protocol
 
     p = get_protocol(protocol)
     assume(t1 < 2.5 * max(p.tis))
@@ -92,7 +92,7 @@ def test_fit_of_noise_free_data_recovers_the_parameters(t1, pd, b, protocol):
 @settings(max_examples=40, deadline=None)
 @given(data=st.lists(st.floats(0.0, 1e6, allow_subnormal=False), min_size=7 * 4, max_size=7 * 4))
 def test_fit_never_returns_nan_for_any_finite_data(data):
-    from custom_components.protocol import paper_protocol
+    from custom_components.physics.protocol import paper_protocol
 
     y = np.asarray(data, dtype=float).reshape(4, 7)
     f = fit_ir(y, paper_protocol())

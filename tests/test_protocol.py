@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from custom_components.protocol import (ProtocolError, check_same_timing, get_protocol, nist_15t_protocol,
+from custom_components.physics.protocol import (ProtocolError, check_same_timing, get_protocol, nist_15t_protocol,
                                         paper_protocol)
-from custom_components.signal_model import signal
+from custom_components.physics.signal_model import signal
 
 
 def test_same_protocol_passes_and_small_differences_are_tolerated():

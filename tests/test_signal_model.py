@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from custom_components.protocol import Protocol, ProtocolError, nist_15t_protocol, paper_protocol
-from custom_components.signal_model import (apparent_parameters, crlb, crlb_t1_table, jacobian, signal,
+from custom_components.physics.protocol import Protocol, ProtocolError, nist_15t_protocol, paper_protocol
+from custom_components.physics.signal_model import (apparent_parameters, crlb, crlb_t1_table, jacobian, signal,
                                             signed_jacobian, signed_signal)
 
 FULL = paper_protocol().with_(repetition_time_s=None)

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from custom_components.fitting import fit_ir
-from custom_components.protocol import nist_15t_protocol, paper_protocol
-from custom_components.signal_model import signal
-from custom_components.synthesis import Effects, SynthesisConfig, SyntheticIRDataset, nist_twin, render, write_dataset
+from custom_components.methods.fitting import fit_ir
+from custom_components.physics.protocol import nist_15t_protocol, paper_protocol
+from custom_components.physics.signal_model import signal
+from custom_components.data.synthesis import Effects, SynthesisConfig, SyntheticIRDataset, nist_twin, render, write_dataset
 
 SMALL = dict(n_slices=3, realisations=2, matrix=(64, 64), fov_mm=250.0)
 
@@ -54,8 +54,8 @@ def test_crop_and_wide_t1():
 def test_wide_t1_walls_put_a_shell_without_signal_around_objects(monkeypatch):
     """With ``wall_probability`` 1 every object sits in a ring of PD 0 (1-3 px) that replaces the
     tissue beneath; the default draws no wall and leaves the random stream unchanged."""
-    from custom_components.anatomy import Tissue
-    from custom_components.tissues import WideT1, sample_parameter_maps
+    from custom_components.data.anatomy import Tissue
+    from custom_components.data.tissues import WideT1, sample_parameter_maps
 
     labels = np.full((96, 96), int(Tissue.WM))
     plain = sample_parameter_maps(labels, 11, wide_t1=True)
@@ -74,7 +74,7 @@ def test_wide_t1_walls_put_a_shell_without_signal_around_objects(monkeypatch):
     assert ring[on_image].any() and (walled["PD"][ring & on_image] == 0).all()
     assert (walled["PD"][inside & on_image] > 0.4).all() and (walled["PD"][outside & on_image] > 0.4).all()
     # the dataset option reaches the tissue sampler
-    import custom_components.tissues as T
+    import custom_components.data.tissues as T
 
     walls = []
     real = T.sample_parameter_maps
@@ -92,7 +92,7 @@ def test_wide_t1_walls_put_a_shell_without_signal_around_objects(monkeypatch):
 
 def test_wide_t1_objects_sets_the_object_count(monkeypatch):
     """``wide_t1_objects`` reaches the tissue sampler; no objects leave only brain tissue T1."""
-    import custom_components.tissues as T
+    import custom_components.data.tissues as T
 
     seen = []
     real = T.sample_parameter_maps
@@ -154,7 +154,7 @@ def test_classical_fit_unbiased_on_the_twin_at_snr50():
     for seed in range(8):
         tw = nist_twin(prot, snr=50, effects=Effects(noise="rician", echo_train=True), seed=seed)
         ref = tw["reference"]["T1_s"]
-        from custom_components.evaluation import locate_spheres
+        from custom_components.reporting.evaluation import locate_spheres
         if seed == 0:
             layout = locate_spheres(tw["image"], tw["pixel_spacing_mm"], t1_map=tw["label"][0], reference_t1_s=ref)
             rois = {k: layout.roi_mask(k) for k in range(1, 15)}

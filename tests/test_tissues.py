@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from custom_components import anatomy as A
-from custom_components import tissues as T
-from custom_components.anatomy import N_TISSUES, Tissue
+from custom_components.data import anatomy as A
+from custom_components.data import tissues as T
+from custom_components.data.anatomy import N_TISSUES, Tissue
 
 TOL = T.Variation().max_rel_deviation  # within-tissue variation is clipped to this (relative)
 

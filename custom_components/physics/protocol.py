@@ -100,7 +100,7 @@ class Protocol:
 
         With a readout that saturates Mz at TI and a free recovery until the next inversion, the
         steady-state signed signal is S_n = PD (1 - B exp(-TI_n/T1) + (B - 1) exp(-Trec_n/T1)) with
-        Trec_n = TR_n - readout (see :mod:`custom_components.signal_model`).
+        Trec_n = TR_n - readout (see :mod:`custom_components.physics.signal_model`).
         """
         if self.repetition_time_s is None:
             return None

@@ -167,7 +167,7 @@ def init_from_weights(path: str | None, *networks: torch.nn.Module, input_layout
     channels cannot be matched. Without a card the file is taken to have the network's tail."""
     if not path:
         return False
-    from .io import InputError
+    from ..io import InputError
 
     card = None
     if input_layout is not None:
@@ -232,7 +232,7 @@ def read_weights(path: str | os.PathLike) -> dict:
     import pickle
     import warnings
 
-    from .io import InputError
+    from ..io import InputError
 
     try:
         with warnings.catch_warnings():
@@ -301,7 +301,7 @@ def write_weights_card(path: str | os.PathLike, **fields) -> Path:
     inference (method, protocol as a full dict, network preset, condition variant, ...), so that
     ``qmri map --weights W`` maps with W's own protocol and variant. Written atomically at the start
     of training (the weights it describes appear later in the same folder)."""
-    from .protocol import get_protocol
+    from ..physics.protocol import get_protocol
 
     card = {k: v for k, v in fields.items() if k in CARD_KEYS}
     unknown = sorted(set(fields) - set(CARD_KEYS))

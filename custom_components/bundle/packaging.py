@@ -25,7 +25,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
-from .io import InputError
+from ..io import InputError
 
 # The MONAI bundle specification (https://monai.readthedocs.io/en/stable/mb_specification.html):
 # metadata.json keys it requires, and those it describes as optional that this project always fills.

@@ -2,7 +2,7 @@
 
 Any mapping method (the classical fit, a learned network) returns maps (T1 [s], PD [data units],
 B [1]). Re-synthesising the images from the maps with the signal model
-(:mod:`custom_components.signal_model`; S_n = |PD (1 - B exp(-TI_n/T1))|, or its finite-TR form)
+(:mod:`custom_components.physics.signal_model`; S_n = |PD (1 - B exp(-TI_n/T1))|, or its finite-TR form)
 and comparing them with the measured magnitudes y_n tells whether the maps *explain* the data:
 
 - :func:`residual_rms`: r = sqrt(mean_n (y_n - E|S_n|)^2), in the units of the data. With the true
@@ -35,9 +35,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .image_formation import rician_mean
-from .protocol import Protocol
-from .signal_model import signal
+from ..physics.image_formation import rician_mean
+from ..physics.protocol import Protocol
+from ..physics.signal_model import signal
 
 NOISE_MODELS = ("rician", "gaussian")
 
@@ -152,7 +152,7 @@ def residual_flag(data, t1_s, pd, b, protocol: Protocol, sigma, alpha: float = 1
         t1_s, pd, b: maps (...): T1 in s, PD in data units, B (1).
         protocol: the acquisition (inversion times and TR in s).
         sigma: noise std per real channel in data units (scalar or per voxel), e.g. from
-            :func:`custom_components.fitting.estimate_noise_sigma`.
+            :func:`custom_components.methods.fitting.estimate_noise_sigma`.
         alpha: false-alarm rate the threshold is set for (dimensionless, 0 < alpha < 1).
         noise: "rician" (magnitude data of one coil: E|S| is the Rician mean) or "gaussian"
             (Gaussian noise added to the magnitude: E|S| = |S|).

@@ -21,9 +21,9 @@ What is modelled, and where every number comes from:
   assumption, the manufacturer's tables give no PD for these plates).
 - **Not modelled**: the rectangular insert at the plate's centre (between the inner spheres, seen in
   the real scans), the small bright dot at the centre of each fiducial, temperature dependence,
-  T2 decay at the echo time, noise and blurring (:mod:`custom_components.image_formation`).
+  T2 decay at the echo time, noise and blurring (:mod:`custom_components.physics.image_formation`).
 
-Image axis convention (used by :func:`nist_phantom_maps` and by :mod:`custom_components.evaluation`):
+Image axis convention (used by :func:`nist_phantom_maps` and by :mod:`custom_components.reporting.evaluation`):
 arrays are indexed ``[row, col] = [y, x]`` with y pointing *down* and x pointing *right*, as an image
 is displayed; "the top of the image" is the row-0 side. Angles are measured **clockwise from the
 image's up direction** (-y), so a positive ``rotation_deg`` turns the plate clockwise on screen.
@@ -223,7 +223,7 @@ class PlateGeometry:
 _GEOMETRY_SOURCE = (
     "rings and sphere diameter: shared/data/nist_phantom_ir/README.md (about 50 mm, 28 mm, 15-17 mm); "
     "wall thickness, fiducials and body diameter: measured on the six real 1.5 T series in shared/data "
-    "(4 sites; spheres located with custom_components.evaluation.locate_spheres)")
+    "(4 sites; spheres located with custom_components.reporting.evaluation.locate_spheres)")
 
 # Measurements on the real scans (shared/data/nist_phantom_ir, all six series agree within the stated
 # spread; method in brackets):
@@ -406,13 +406,13 @@ def nist_phantom_images(protocol, b=2.0, partial_volume: str = "exact", maps: di
 
     ``partial_volume="exact"`` sums the *signed* signal of every compartment weighted by its
     fraction, then takes the magnitude (what a scanner sees in a mixed pixel);
-    ``"maps"`` evaluates :func:`custom_components.signal_model.signal` on the (T1, PD, B) maps, which
+    ``"maps"`` evaluates :func:`custom_components.physics.signal_model.signal` on the (T1, PD, B) maps, which
     is what a method that maps one T1 per pixel assumes. Both agree away from sphere edges.
-    No noise, no T2 decay at the echo time, no blurring: :mod:`custom_components.image_formation`
+    No noise, no T2 decay at the echo time, no blurring: :mod:`custom_components.physics.image_formation`
     adds those.
 
     Args:
-        protocol: a :class:`custom_components.protocol.Protocol`.
+        protocol: a :class:`custom_components.physics.protocol.Protocol`.
         b: inversion efficiency, a number or an (H, W) map (2 = ideal inversion).
         maps: the output of :func:`nist_phantom_maps` (else it is computed from ``map_kwargs``).
 
@@ -421,7 +421,7 @@ def nist_phantom_images(protocol, b=2.0, partial_volume: str = "exact", maps: di
     """
     import torch
 
-    from .signal_model import signal, signed_signal
+    from ..physics.signal_model import signal, signed_signal
 
     maps = nist_phantom_maps(**map_kwargs) if maps is None else maps
     shape = maps["PD"].shape

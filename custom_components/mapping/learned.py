@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import InputError, IRSeries
+from ..io import InputError, IRSeries
 
-REPO_BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+REPO_BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 
 
 LEARNED_METHODS = ("diffusor", "resnet", "rim")
@@ -30,8 +30,8 @@ def decode_prediction(pred: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Te
     """Network-space output -> physical (T1 s, PD, B) maps: an ensemble (B, S, 3, H, W) (the
     Diffusor) gives its mean and voxel-wise std, a single estimate (B, 3, H, W) (ResNet, RIM) gives
     the maps and None."""
-    from .inferers import ensemble_statistics
-    from .scaling import decode_maps
+    from ..methods.inferers import ensemble_statistics
+    from ..methods.scaling import decode_maps
 
     pred = pred.float().cpu()
     if pred.ndim == 5:
@@ -41,8 +41,8 @@ def decode_prediction(pred: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Te
 
 def background_sigma(data: np.ndarray) -> float | None:
     """The noise std of magnitude data (..., N) from its signal-free background
-    (:func:`custom_components.fitting.estimate_noise_sigma`), or None where there is no background."""
-    from .fitting import estimate_noise_sigma
+    (:func:`custom_components.methods.fitting.estimate_noise_sigma`), or None where there is no background."""
+    from ..methods.fitting import estimate_noise_sigma
 
     try:
         return estimate_noise_sigma(data)
@@ -86,7 +86,7 @@ class BundleMapper:
         path = Path(weights) if weights is not None else Path(parser.get_parsed_content("ckpt_path"))
         if not path.exists():
             raise InputError(f"{path}: no trained weights; train the bundle first (see its docs/README.md)")
-        from .training import read_weights, read_weights_card
+        from ..bundle.training import read_weights, read_weights_card
 
         state = read_weights(path)
 
@@ -117,10 +117,10 @@ class BundleMapper:
             raise InputError(f"{path}: cannot load weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
         self.network.eval()
         self.inferer = parser.get_parsed_content("inferer") if self.method == "diffusor" else None
-        from .protocol import get_protocol
+        from ..physics.protocol import get_protocol
 
         self.protocol = get_protocol(parser.get_parsed_content("protocol"))
-        from .transforms import SliceConditiond
+        from ..bundle.transforms import SliceConditiond
 
         self._conditioner = SliceConditiond(self.fit_condition, self.protocol)  # the bundle's own preprocessing
 
@@ -128,7 +128,7 @@ class BundleMapper:
         """A learned model maps only the protocol it was trained for (re-train for another one).
 
         The RIM is physics-driven: it maps any protocol, with the series' own inversion times."""
-        from .protocol import ProtocolError, check_same_timing
+        from ..physics.protocol import ProtocolError, check_same_timing
 
         if self.method == "rim":
             self.network.protocol = series.protocol  # physics-driven: the series' own inversion times
@@ -143,7 +143,7 @@ class BundleMapper:
         """(N, H, W) magnitude images -> (T1 s, PD, B) maps (3, H, W) and, for the Diffusor, their
         ensemble std (3, H, W) (None for the deterministic methods). ``sigma``: the noise std of
         the images (RIM's Rician likelihood; None: unknown)."""
-        from .scaling import signal_scale
+        from ..methods.scaling import signal_scale
 
         img = torch.as_tensor(np.asarray(images, dtype=np.float32))[None]  # one slice: (1, N, H, W)
         s = signal_scale(img)
@@ -182,18 +182,18 @@ def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, met
     ``seed``: the Diffusor's seed of the ensemble's initial noise (None: the bundle's, 0, so
     repeated runs give the same maps). ``symmetry``: the frames of the pixel grid the Diffusor's
     members are drawn in ("none", "flips" or "dihedral"; None: the bundle's, "dihedral"; see
-    :class:`custom_components.inferers.EnsembleDDPMInferer`).
+    :class:`custom_components.methods.inferers.EnsembleDDPMInferer`).
 
     For the RIM the noise level is ``sigma`` if given, else estimated from the series' background
     (if there is none: unknown, and the RIM uses the Gaussian likelihood)."""
-    from .fitting import signal_mask
-    from .mapping import MappingResult
+    from ..methods.fitting import signal_mask
+    from .results import MappingResult
 
     overrides = {k: v for k, v in (("n_samples", samples), ("steps", steps), ("sampler", sampler), ("seed", seed),
                                    ("symmetry", symmetry)) if v is not None}
     if method != "diffusor" and overrides:
         raise InputError(f"--samples/--steps/--sampler/--seed/--symmetry apply to the diffusor only, not to {method}")
-    from .inferers import SAMPLERS, SYMMETRIES
+    from ..methods.inferers import SAMPLERS, SYMMETRIES
 
     for flag, value, choices in (("sampler", sampler, SAMPLERS), ("symmetry", symmetry, SYMMETRIES)):
         if value is not None and value not in choices:
@@ -265,7 +265,7 @@ class SliceBatchInferer:
 
 class NoiseSigmad:
     """Adds ``sigma`` (Z,): the series' noise std from its background
-    (:func:`custom_components.fitting.estimate_noise_sigma`) divided by each slice's signal scale;
+    (:func:`custom_components.methods.fitting.estimate_noise_sigma`) divided by each slice's signal scale;
     NaN where there is no background (the RIM then uses the Gaussian likelihood)."""
 
     def __init__(self, raw_key: str = "image", sigma: float | None = None):
@@ -299,9 +299,9 @@ class SaveMapsHandler:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine) -> None:
-        from .io import save_maps
-        from .mapping import MappingResult, output_arrays, sidecars_for
-        from .protocol import get_protocol
+        from ..io import save_maps
+        from .results import MappingResult, output_arrays, sidecars_for
+        from ..physics.protocol import get_protocol
 
         batch = engine.state.batch
         mean, std = decode_prediction(engine.state.output["pred"], batch["scale"][0].float().cpu())  # (Z, 3, H, W)

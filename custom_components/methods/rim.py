@@ -7,7 +7,7 @@ log-likelihood of the data with respect to every parameter map, and proposes an 
     eta_{t+1} = eta_t + g_phi(eta_t, grad log p(y | eta_t), h_t)
 
 The gradient is computed by autograd through the foundation's signal model
-(:func:`custom_components.signal_model.signal`: S_n = |PD (1 - B exp(-TI_n/T1))|), so the same
+(:func:`custom_components.physics.signal_model.signal`: S_n = |PD (1 - B exp(-TI_n/T1))|), so the same
 trained RIM runs for any protocol (list of inversion times): only the physics changes, the
 network's inputs (3 maps + 3 gradients) do not.
 
@@ -17,7 +17,7 @@ The gradient fed to the network is sigma^2 * grad log p: for the Gaussian likeli
 sum_n (y_n - S_n) dS_n/d(theta), independent of the noise level; for the Rician one
 sum_n (y_n I1(y_n S_n/sigma^2)/I0(.) - S_n) dS_n/d(theta), which needs sigma (given, e.g. from the
 synthetic data, or estimated from the image background). The network's outputs, and the loss on
-every step, are in the tanh space of :mod:`custom_components.scaling` like the other methods.
+every step, are in the tanh space of :mod:`custom_components.methods.scaling` like the other methods.
 
 Cell (as in the public RIM code for relaxometry): conv3x3 -> ReLU -> per-pixel GRU -> conv3x3 ->
 ReLU -> conv3x3 -> ReLU -> per-pixel GRU -> conv1x1 (the per-pixel GRUs have 1x1 gates).
@@ -28,9 +28,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .protocol import Protocol, get_protocol
+from ..physics.protocol import Protocol, get_protocol
 from .scaling import B_SCALE, T1_SCALE_S
-from .signal_model import signal
+from ..physics.signal_model import signal
 
 RIM_PRESETS = {
     "large": dict(hidden=64),  # a GPU-size cell
@@ -107,7 +107,7 @@ def likelihood_gradient(eta: torch.Tensor, images: torch.Tensor, protocol: Proto
 
 
 def to_network_space(eta: torch.Tensor) -> torch.Tensor:
-    """Estimate (T1 s, PD/s, B) -> the tanh space of :func:`custom_components.scaling.encode_maps`
+    """Estimate (T1 s, PD/s, B) -> the tanh space of :func:`custom_components.methods.scaling.encode_maps`
     (without its clamp at 0, so the loss keeps a gradient for an estimate that steps below 0)."""
     scales = torch.tensor([T1_SCALE_S, 1.0, B_SCALE], dtype=eta.dtype, device=eta.device).reshape(1, 3, 1, 1)
     return 2.0 * torch.tanh(eta / scales) - 1.0

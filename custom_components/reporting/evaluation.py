@@ -17,7 +17,7 @@ Locating (:func:`locate_spheres`) uses the image only: no per-scan pixel coordin
    signal, because the plastic walls give no signal.
 3. Circle response A = mean edge on a ring of the sphere's radius (plus half a wall) minus mean edge
    inside 0.6 radius (a flat interior): a circular Hough transform at the known radius, by FFT.
-4. Rigid template: the 14-sphere pattern of :mod:`custom_components.phantoms` (outer ring scaled to
+4. Rigid template: the 14-sphere pattern of :mod:`custom_components.data.phantoms` (outer ring scaled to
    45-55 mm, inner ring with it) at rotation theta; maximise the mean of A over the 14 centres on a
    grid (theta in 0-180 deg at 2 deg -- the point pattern repeats every 180 deg and is mirror
    symmetric --, ring radius at 1 mm, centre at 1 pixel within 20 mm of the body centroid), then
@@ -40,7 +40,7 @@ Locating (:func:`locate_spheres`) uses the image only: no per-scan pixel coordin
 6. Each centre is refined to the local maximum of A within 3 mm; ROIs are disks of
    ``roi_fraction`` (0.6) x the sphere radius, so edges, partial volume and blurring stay outside.
 
-Axis conventions as in :mod:`custom_components.phantoms`: pixel (row, col) = (y down, x right),
+Axis conventions as in :mod:`custom_components.data.phantoms`: pixel (row, col) = (y down, x right),
 angles clockwise from up. T1 is in seconds in every function; the tables print ms.
 """
 
@@ -52,8 +52,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage, optimize, signal as sps, stats
 
-from . import phantoms
-from .phantoms import N_SPHERES, SPHERE_IDS, plate_geometry, sphere_centres_mm
+from ..data import phantoms
+from ..data.phantoms import N_SPHERES, SPHERE_IDS, plate_geometry, sphere_centres_mm
 
 RING_SCALE_RANGE = (0.9, 1.1)  # outer ring 45-55 mm for the nominal 50 mm
 CENTRE_SEARCH_MM = 20.0

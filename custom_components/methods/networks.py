@@ -1,6 +1,6 @@
 """Network presets for the three bundles (the configs choose one by name).
 
-The RIM lives in :mod:`custom_components.rim` (it needs the signal model).
+The RIM lives in :mod:`custom_components.methods.rim` (it needs the signal model).
 
 The Diffusor's denoiser is MONAI's ``DiffusionModelUNet`` (time embedding, no attention, so it
 maps any matrix whose sides are multiples of 4) with the condition concatenated on the channel

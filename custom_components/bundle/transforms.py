@@ -18,14 +18,14 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform, Transform
 
-from .protocol import ProtocolError, check_same_timing, get_protocol
+from ..physics.protocol import ProtocolError, check_same_timing, get_protocol
 
 
 class SyntheticItemd(Transform):
     """Item ``d[index_key]`` of the on-the-fly synthetic dataset (deterministic for the config's seed)."""
 
     def __init__(self, config: Mapping, index_key: str = "index"):
-        from .synthesis import SynthesisConfig, SyntheticIRDataset
+        from ..data.synthesis import SynthesisConfig, SyntheticIRDataset
 
         cfg = dict(config)
         self.dataset = SyntheticIRDataset(SynthesisConfig(**cfg))
@@ -50,7 +50,7 @@ class ClassicalFitd(MapTransform):
     def __init__(self, protocol="paper", image_key: str = "image", out_key: str = "fit", threshold: float = 0.03,
                  t1_max_s: float = 10.0):
         super().__init__([image_key])
-        from .fitting import InversionRecoveryModel
+        from ..methods.fitting import InversionRecoveryModel
 
         self.model = InversionRecoveryModel(get_protocol(protocol))
         self.image_key, self.out_key = image_key, out_key
@@ -98,9 +98,9 @@ class LoadIRSeriesd(MapTransform):
         self.tis = tis
 
     def __call__(self, data: Mapping) -> dict:
-        from .fitting import signal_mask
-        from .io import InputError, load_series
-        from .scaling import signal_scale
+        from ..methods.fitting import signal_mask
+        from ..io import InputError, load_series
+        from ..methods.scaling import signal_scale
 
         d = dict(data)
         for key in self.key_iterator(d):
@@ -129,7 +129,7 @@ class SliceConditiond(Transform):
         self.image_key = image_key
 
     def __call__(self, data: Mapping) -> dict:
-        from .scaling import encode_maps
+        from ..methods.scaling import encode_maps
 
         d = dict(data)
         img, s = d[self.image_key], d["scale"]

@@ -1,6 +1,6 @@
 """The classical fit: magnitude inversion-recovery maximum likelihood, vectorised over voxels.
 
-Model (see :mod:`custom_components.signal_model`): for a fixed T1 the signed signal is linear in
+Model (see :mod:`custom_components.physics.signal_model`): for a fixed T1 the signed signal is linear in
 (a, c) = (PD, PD B):
 
     s_n = a f1_n(T1) + c f2_n(T1),  f1 = 1 - e^{-Trec_n/T1},  f2 = e^{-Trec_n/T1} - e^{-TI_n/T1}
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from scipy import special
 
-from .protocol import Protocol
+from ..physics.protocol import Protocol
 
 T1_GRID_RANGE_S = (0.004, 12.0)
 

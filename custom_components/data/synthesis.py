@@ -3,18 +3,18 @@
 The chain for one item (every effect switchable, every draw seeded):
 
 1. a scene: T1 (s), T2 (s), PD (water = 1) maps on an object grid, from the embedded anatomy
-   (:mod:`custom_components.anatomy` + :mod:`custom_components.tissues`) or the NIST twin;
+   (:mod:`custom_components.data.anatomy` + :mod:`custom_components.data.tissues`) or the NIST twin;
 2. a smooth inversion-efficiency map B (2 = ideal);
-3. the signed signal of every TI from :mod:`custom_components.signal_model` with the apparent
+3. the signed signal of every TI from :mod:`custom_components.physics.signal_model` with the apparent
    PD exp(-TE_eff/T2) (the T2 weighting at the echo time);
-4. acquisition in k-space (:func:`custom_components.image_formation.acquire`): echo-train T2
+4. acquisition in k-space (:func:`custom_components.physics.image_formation.acquire`): echo-train T2
    blurring along phase encode, truncation of a finer object grid (Gibbs);
 5. noise: complex Gaussian then magnitude (Rician) or root-sum-of-squares over coils (noncentral chi),
    at SNR = 1 / sigma (PD of water = 1).
 
 Labels are the parameters the IR model can identify: (T1, PD_app, B) with PD_app = PD exp(-TE_eff/T2),
 and, when TR is finite and the same for all images, the apparent (PD, B) of the full-recovery model
-(:func:`custom_components.signal_model.apparent_parameters`) -- exactly what a perfect classical fit
+(:func:`custom_components.physics.signal_model.apparent_parameters`) -- exactly what a perfect classical fit
 of noiseless, unblurred images returns. With a TR that varies per image, labels keep the true B.
 """
 
@@ -29,10 +29,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .image_formation import (acquire, add_ncchi_noise, downsample_area, effective_echo_time_s,
+from ..physics.image_formation import (acquire, add_ncchi_noise, downsample_area, effective_echo_time_s,
                               smooth_inversion_efficiency)
-from .protocol import Protocol, get_protocol
-from .signal_model import apparent_parameters, signed_signal
+from ..physics.protocol import Protocol, get_protocol
+from ..physics.signal_model import apparent_parameters, signed_signal
 
 NOISE_MODELS = ("rician", "ncchi", "gaussian", "none")
 
@@ -152,7 +152,7 @@ def brain_scene(rng: np.random.Generator, slice_index: int, realisation: int, sh
     The geometry depends only on (``geometry_seed``, ``slice_index``) so that the realisations of
     one slice share the anatomy, as in the paper (994 slices x 4 parameter realisations); the tissue
     parameters come from ``rng``. ``wide_t1_objects`` (lo, hi) overrides the number of wide-T1
-    objects per slice (default :class:`custom_components.tissues.WideT1`'s (2, 6)); ``wide_t1_walls``
+    objects per slice (default :class:`custom_components.data.tissues.WideT1`'s (2, 6)); ``wide_t1_walls``
     the probability that an object gets a wall without signal (None: 0).
     """
     from . import anatomy, tissues
@@ -220,7 +220,7 @@ class SyntheticIRDataset(torch.utils.data.Dataset):
     "image" (N_TI, H, W) magnitude images (PD of water = 1), "label" (3, H, W) = T1 [s], PD, B,
     "mask" (1, H, W) (1 where the labels are meaningful: tissue with PD >= 0.1, i.e. not background
     or bone), and "snr" (scalar). With ``with_tissue`` also "tissue" (H, W) int64: the tissue class
-    (:class:`custom_components.anatomy.Tissue`) at the centre of each output pixel (for per-tissue
+    (:class:`custom_components.data.anatomy.Tissue`) at the centre of each output pixel (for per-tissue
     scores; scenes without labels give none).
     """
 
@@ -293,7 +293,7 @@ def nist_twin(protocol: Protocol | str = "paper", snr: float | None = 50.0, effe
               version: int | None = None, rotation_deg: float = 0.0, shift_mm=(0.0, 0.0), b: float | None = None) -> dict:
     """The digital twin of the NIST/ISMRM phantom as a scanner would image it.
 
-    The plate (:func:`custom_components.phantoms.nist_phantom_maps`, reference values for the
+    The plate (:func:`custom_components.data.phantoms.nist_phantom_maps`, reference values for the
     protocol's field strength) goes through :func:`render` with ``effects`` (default: Rician noise,
     echo-train blurring where ETL > 1, no Gibbs). ``b``: a constant inversion efficiency, or None for
     a smooth field in ``effects.b_range``. ``snr`` overrides ``effects.snr_range`` (None: noiseless).
@@ -335,7 +335,7 @@ def write_dataset(out_dir: str | Path, config: SynthesisConfig, n_items: int | N
 
     import nibabel as nib
 
-    from .io import InputError
+    from ..io import InputError
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:

@@ -7,7 +7,7 @@ One *realisation* (the paper gave each anatomical slice 4) is drawn by :func:`sa
 2. per tissue and parameter, a multiplicative spatial variation: a smooth, low-frequency random
    field (default std 3 %, correlation length 32 px) plus voxel-wise texture (std 1 %), the total
    clipped to +-10 % (:class:`Variation`), PD capped at 1 (water);
-3. partial volume: with tissue fractions (the ``probs`` of :mod:`custom_components.anatomy`) each
+3. partial volume: with tissue fractions (the ``probs`` of :mod:`custom_components.data.anatomy`) each
    voxel mixes its compartments -- PD linearly, ``PD = sum_k f_k PD_k``, and the relaxation *rates*
    weighted by each compartment's magnetisation ``f_k PD_k``: ``R1 = sum_k f_k PD_k / T1_k / PD``
    (same for R2). This is the fast-exchange (single exponential) limit, which keeps one T1 per voxel
@@ -238,7 +238,7 @@ def sample_parameter_maps(tissue, rng: np.random.Generator | int | None = None, 
 
     Args:
         tissue: labels (H, W) of :class:`Tissue` values, fractions (C, H, W), or a slice dict from
-            :mod:`custom_components.anatomy` (its ``probs`` are used).
+            :mod:`custom_components.data.anatomy` (its ``probs`` are used).
         rng: numpy Generator or seed.
         wide_t1: add random objects with T1 from 20 ms to 4.5 s and scale tissue T1 globally
             (:class:`WideT1`), so that short T1 is in the training distribution.

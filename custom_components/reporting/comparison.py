@@ -12,14 +12,14 @@ writes the tables (markdown) and figures (PNG) of the paper's Table 1, Fig. 2 an
    1 and 2 std, for the few-step sampler and for the full 1000-step DDPM (on a crop: the full chain
    takes about an hour per 240 x 240 slice on 2 CPU cores), and a calibration factor of the std
    fitted on a separate slice; for every method the physics-consistency flag
-   (:mod:`custom_components.consistency`) scored against the voxels with large error.
+   (:mod:`custom_components.mapping.consistency`) scored against the voxels with large error.
 4. Real scans: the NIST phantom scans in ../shared/data/nist_phantom_ir (1.5 T, six TIs 50-800 ms):
    every method that can map that protocol (the classical fit, the RIM, and the learned models for
    which protocol-specific weights ``models/model_<protocol>.pt`` exist).
 5. Speed and memory: seconds per 240 x 240 slice, peak resident memory of a fresh process, network
    evaluations per slice, and the time for 1 and 2 slices.
 
-Scores (:mod:`custom_components.map_metrics`) are computed in the label mask (tissue with PD >= 0.1).
+Scores (:mod:`custom_components.reporting.map_metrics`) are computed in the label mask (tissue with PD >= 0.1).
 "Large error" for the flag is |T1 error| > 20 % of the true T1. Nothing is tuned on these cases.
 """
 
@@ -36,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .mapping import FLAG_ALPHA
+from ..mapping import FLAG_ALPHA
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TEST_SEED = 917_203  # the brain test slices' seed (training uses 0, validation 100003)
 CALIBRATION_SEED = 917_204  # the slice the Diffusor's std calibration factor is fitted on
 SHORT_T1_S = (0.1, 0.4)  # the "short T1" spheres of the summaries (the shorter spheres' means hinge on a few failed voxels: see the full tables)
@@ -85,7 +85,7 @@ class Case:
     pixel_spacing_mm: tuple = (250 / 240, 250 / 240)
 
     def series(self):
-        from .io import IRSeries
+        from ..io import IRSeries
 
         px = self.pixel_spacing_mm
         return IRSeries(data=np.asarray(self.images, dtype=np.float64).transpose(1, 2, 0)[:, :, None, :],
@@ -95,7 +95,7 @@ class Case:
 def twin_case(snr: float, seed: int = 0, protocol="paper", echo_train: bool = True) -> Case:
     """The digital NIST twin at ``snr`` (Rician noise); ``echo_train=False`` leaves out the
     echo-train T2 blurring (a diagnostic: the comparison always uses it)."""
-    from .synthesis import Effects, nist_twin
+    from ..data.synthesis import Effects, nist_twin
 
     tw = nist_twin(protocol, snr=snr, effects=Effects(noise="rician", echo_train=echo_train), seed=seed)
     return Case(f"NIST twin, SNR {snr:g}" + ("" if echo_train else ", no echo-train blurring"), tw["image"], tw["protocol"], tw["mask"].astype(bool), tw["label"],
@@ -104,7 +104,7 @@ def twin_case(snr: float, seed: int = 0, protocol="paper", echo_train: bool = Tr
 
 def brain_cases(n: int, seed: int = TEST_SEED, snr: float = 50.0, protocol="paper", matrix: int = 240) -> list[Case]:
     """Held-out synthetic brain slices (seed never used in training), SNR fixed, echo-train blurring."""
-    from .synthesis import Effects, SyntheticIRDataset
+    from ..data.synthesis import Effects, SyntheticIRDataset
 
     ds = SyntheticIRDataset(protocol=protocol, n_slices=max(n, 1) * 7, realisations=1, matrix=(matrix, matrix),
                             seed=seed, with_tissue=True,
@@ -126,7 +126,7 @@ class Result:
 
 
 def run_method(case: Case, spec: MethodSpec, mask: np.ndarray | None = None) -> Result:
-    from .mapping import map_series
+    from ..mapping import map_series
 
     m = case.mask if mask is None else mask
     opts = dict(spec.options)
@@ -261,7 +261,7 @@ def uncertainty_rows(cases: list[Case], results: list[Result], factor: float | N
 
 
 def flag_rows(cases: list[Case], results: list[dict[str, Result]], specs: list[MethodSpec], alpha: float = FLAG_ALPHA) -> str:
-    from .consistency import residual_rms
+    from ..mapping.consistency import residual_rms
     from .map_metrics import detection_auc, detection_rates
 
     lines = ["| method | voxels with large error (%) | flagged (%) | sensitivity | specificity | precision | "
@@ -297,9 +297,9 @@ def flag_rows(cases: list[Case], results: list[dict[str, Result]], specs: list[M
 def real_scan_section(data_dir: Path, specs: list[MethodSpec]) -> str | tuple[str, list, list[str]]:
     """Every method that can map the scans' protocol, sphere by sphere against the 1.5 T references."""
     from .evaluation import locate_spheres, sphere_table, table_summary
-    from .io import load_series
-    from .mapping import map_series
-    from .phantoms import reference_values
+    from ..io import load_series
+    from ..mapping import map_series
+    from ..data.phantoms import reference_values
 
     folders = sorted(p for p in Path(data_dir).glob("site*/plate*") if p.is_dir())
     if not folders:
@@ -463,8 +463,8 @@ def update_real_scan_section(out_dir: str | Path = "docs", data_dir: str | Path 
 def weights_for_protocol(method: str, protocol, fit_condition: bool = False) -> Path | None:
     """Shipped weights of a bundle (``bundles/<method>/models/*.pt`` with a weights card) trained for
     ``protocol``'s inversion times (and, for the Diffusor, the given condition variant), or None."""
-    from .protocol import ProtocolError, check_same_timing, get_protocol
-    from .training import read_weights_card
+    from ..physics.protocol import ProtocolError, check_same_timing, get_protocol
+    from ..bundle.training import read_weights_card
 
     for w in sorted((REPO / "bundles" / method / "models").glob("*.pt")):
         card = read_weights_card(w)
@@ -494,7 +494,7 @@ def speed_probe(method: str, slices: int, options: dict) -> dict:
 
     import torch
 
-    from .mapping import map_series
+    from ..mapping import map_series
 
     torch.set_num_threads(int(options.pop("threads", 2)))
     c = twin_case(50.0)
@@ -518,7 +518,7 @@ def speed_probe(method: str, slices: int, options: dict) -> dict:
 def measure_speed(spec: MethodSpec, slices: int, threads: int = 2) -> dict:
     """:func:`speed_probe` in a fresh Python process (so the peak memory is the method's own)."""
     opts = {**spec.options, "threads": threads}
-    code = ("import json,sys; from custom_components.comparison import speed_probe; "
+    code = ("import json,sys; from custom_components.reporting.comparison import speed_probe; "
             f"print('RESULT' + json.dumps(speed_probe({spec.method!r}, {int(slices)}, {opts!r})))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO))
     for line in r.stdout.splitlines():

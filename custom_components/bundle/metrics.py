@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from ignite.metrics import Metric
 
-from .scaling import decode_maps
+from ..methods.scaling import decode_maps
 
 CHANNELS = {"T1": 0, "PD": 1, "B": 2}
 

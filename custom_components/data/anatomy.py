@@ -15,7 +15,7 @@ A slice is a dict with ``labels`` (H, W) int64 (values of :class:`Tissue`) and `
 float32 tissue fractions (C = ``N_TISSUES``, summing to 1 in every pixel; ``labels`` is their argmax),
 plus ``index``, ``z_mm``, ``pixel_size_mm`` and ``flipped``. Images are shown radiologically: rows go
 from anterior to posterior, columns from the subject's right to left (before a random flip).
-:mod:`custom_components.tissues` turns either into T1/T2/PD maps.
+:mod:`custom_components.data.tissues` turns either into T1/T2/PD maps.
 
 Lengths are in mm (anatomy is geometry); relaxation times live in :mod:`tissues`, in seconds.
 """

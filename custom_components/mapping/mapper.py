@@ -1,39 +1,20 @@
 """One face for every mapping method: ``map_series(series, method=...)`` -> maps + provenance.
 
 Methods register a function ``(series, mask, **options) -> MappingResult`` in :data:`METHODS`.
-The classical fit is here; the learned methods (diffusor, resnet, rim) plug in through the bundles.
-The output contract of ``qmri map`` (file names, units, sidecars) is :data:`OUTPUT_MAPS`.
+The classical fit is here; the learned methods (diffusor, resnet, rim) plug in through the bundles
+(:mod:`custom_components.mapping.learned`). The output contract (file names, units, sidecars) is
+:mod:`custom_components.mapping.results`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from . import __version__
-from .fitting import InversionRecoveryModel, estimate_noise_sigma, signal_mask
-from .io import InputError, IRSeries
-
-# map key -> (file stem, units, description)
-OUTPUT_MAPS = {
-    "T1": ("T1map", "s", "longitudinal relaxation time T1"),
-    "PD": ("PDmap", "a.u. (scanner intensity units)", "proton density (apparent: includes T2 weighting at TE)"),
-    "B": ("InvEffmap", "1", "inversion efficiency B of S = |PD (1 - B exp(-TI/T1))| (2 = ideal inversion)"),
-    "residual": ("Residualmap", "a.u. (scanner intensity units)", "RMS over inversion times of |model| - data"),
-    "flag": ("ResidualFlag", "1", "1 where the maps do not explain the images: sum over TIs of ((data - E|S|)/sigma)^2 "
-                                  "above the chi-square(N) quantile at 1 - alpha"),
-}
-FLAG_ALPHA = 1e-3  # false-alarm rate of the "flag" map (custom_components.consistency.residual_flag)
-
-
-@dataclass
-class MappingResult:
-    maps: dict[str, np.ndarray]  # keys of OUTPUT_MAPS (and "<key>_std" for ensemble methods)
-    mask: np.ndarray
-    info: dict = field(default_factory=dict)
-
+from ..methods.fitting import InversionRecoveryModel, estimate_noise_sigma, signal_mask
+from ..io import InputError, IRSeries
+from .results import FLAG_ALPHA, MappingResult
 
 def _classical(series: IRSeries, mask: np.ndarray | None, noise: str = "rician", sigma: float | None = None,
                n_coils: int = 1, progress: bool = True, **_) -> MappingResult:
@@ -83,15 +64,6 @@ def _learned(method: str):
 
 METHODS: dict[str, Callable[..., MappingResult]] = {"mle": _mle, "ls": _ls, "diffusor": _learned("diffusor"),
                                                    "resnet": _learned("resnet"), "rim": _learned("rim")}
-METHOD_DESCRIPTIONS = {
-    "mle": "classical maximum-likelihood fit (Rician by default; noncentral chi with --noise ncchi --n_coils N)",
-    "ls": "classical magnitude least-squares fit (polarity restoration x T1 grid + Gauss-Newton)",
-    "diffusor": "qMRI Diffusor: conditional DDPM, mean and voxel-wise std over an ensemble of samples",
-    "resnet": "ResNet baseline: direct regression of the maps from the images",
-    "rim": "recurrent inference machine: learned iterative updates from the likelihood gradient of the signal model",
-}
-
-
 def map_series(series: IRSeries, method: str = "mle", mask: np.ndarray | None = None, flag_alpha: float = FLAG_ALPHA,
                **options) -> MappingResult:
     """Map T1, PD and B of an IR series with a registered method.
@@ -119,9 +91,9 @@ def add_consistency_maps(result: MappingResult, series: IRSeries, sigma: float |
     """Add the physics-consistency maps (no ground truth needed) to ``result`` in place and return it.
 
     - "residual" (data units): RMS over the inversion times of data - |S(maps)|
-      (:func:`custom_components.consistency.residual_rms`), only where the method did not return
+      (:func:`custom_components.mapping.consistency.residual_rms`), only where the method did not return
       one (the classical fit returns its own, which is kept); 0 outside the mask.
-    - "flag" (float32 0/1): :func:`custom_components.consistency.residual_flag` at false-alarm rate
+    - "flag" (float32 0/1): :func:`custom_components.mapping.consistency.residual_flag` at false-alarm rate
       ``alpha``, 0 outside the mask; with ``result.info["flag_alpha"]`` and the fraction of flagged
       mask voxels ``result.info["flagged_fraction"]``. Needs the noise std per channel: the
       method's ``result.info["sigma"]``, else ``sigma``, else estimated from the series' signal-free
@@ -166,31 +138,4 @@ def add_consistency_maps(result: MappingResult, series: IRSeries, sigma: float |
     return result
 
 
-def sidecars_for(result: MappingResult, series: IRSeries, method: str) -> dict[str, dict]:
-    """JSON sidecars (units, method, protocol, provenance) for each written map."""
-    from .io import protocol_sidecar
-
-    common = {"Method": method, "MethodDescription": METHOD_DESCRIPTIONS.get(method, method),
-              "Software": {"Name": "qmri-diffusor", "Version": __version__},
-              "Source": str(series.source), "InputNotes": list(series.notes),
-              "Protocol": protocol_sidecar(series.protocol),
-              "Fit": {k: v for k, v in result.info.items() if isinstance(v, (str, int, float, list, bool, type(None)))}}
-    out = {}
-    for key, arr in result.maps.items():
-        base = key[:-4] if key.endswith("_std") else key
-        stem, units, desc = OUTPUT_MAPS[base]
-        name = stem + ("_std" if key.endswith("_std") else "")
-        out[name] = {"Units": units, "Description": desc + (" (voxel-wise standard deviation over samples)" if key.endswith("_std") else ""), **common}
-    return out
-
-
-def output_arrays(result: MappingResult) -> dict[str, np.ndarray]:
-    out = {}
-    for key, arr in result.maps.items():
-        base = key[:-4] if key.endswith("_std") else key
-        out[OUTPUT_MAPS[base][0] + ("_std" if key.endswith("_std") else "")] = np.asarray(arr, dtype=np.float32)
-    return out
-
-
-__all__ = ["OUTPUT_MAPS", "FLAG_ALPHA", "MappingResult", "METHODS", "map_series", "add_consistency_maps", "sidecars_for",
-           "output_arrays"]
+__all__ = ["METHODS", "map_series", "add_consistency_maps"]
