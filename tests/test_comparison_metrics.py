@@ -293,3 +293,46 @@ def test_ssim_map_matches_explicit_window(rng):
     c1, c2 = (0.01 * L) ** 2, (0.03 * L) ** 2
     expected = (2 * mx * my + c1) * (2 * vxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
     assert mm.ssim_map(x, y, mask, data_range=L)[i, j] == pytest.approx(expected, rel=1e-10)
+
+
+# --- ssim against scikit-image (an outside reference) ------------------------------------------
+
+
+@pytest.mark.parametrize("sigma", [1.5, 1.0])
+def test_ssim_map_equals_scikit_image_on_a_full_mask(rng, sigma):
+    """skimage.metrics.structural_similarity with the same settings (Gaussian window of ``sigma``
+    truncated at 3.5 sigma, K1 0.01, K2 0.03, sample covariance, same data_range) gives the same
+    local SSIM at every pixel. Intentional difference: skimage's mean drops a border of half a window,
+    the project's mean is over the mask (here the whole image)."""
+    from skimage.metrics import structural_similarity  # test extra: scikit-image
+
+    x = _structured(rng)
+    y = x + 0.2 * rng.standard_normal(x.shape) + 0.1
+    mask = np.ones(x.shape, bool)
+    L = 2.5
+    mean_ref, map_ref = structural_similarity(x, y, data_range=L, gaussian_weights=True, sigma=sigma,
+                                              use_sample_covariance=True, full=True)
+    ours = mm.ssim_map(x, y, mask, data_range=L, sigma=sigma)
+    np.testing.assert_allclose(ours, map_ref, rtol=1e-10, atol=1e-12)
+    pad = int(3.5 * sigma + 0.5)
+    assert np.mean(ours[pad:-pad, pad:-pad]) == pytest.approx(mean_ref, rel=1e-10)
+    assert mm.ssim(x, y, mask, data_range=L, sigma=sigma) == pytest.approx(np.mean(map_ref), rel=1e-10)
+
+
+def test_masked_and_3d_ssim_equal_scikit_image_of_the_zero_filled_slices(rng):
+    """The project's mask = skimage's SSIM of the maps set to 0 outside the mask, averaged over the
+    mask; 3-D = skimage per slice along the last axis (channel_axis=-1)."""
+    from skimage.metrics import structural_similarity  # test extra: scikit-image
+
+    vol = np.stack([_structured(rng, (48, 40)) for _ in range(3)], axis=-1)
+    pred = vol * (1 + 0.05 * rng.standard_normal(vol.shape))
+    mask = np.zeros(vol.shape, bool)
+    mask[6:40, 5:33, :] = True
+    mask[20:30, 10:20, 1] = False  # a hole: the mask differs between slices
+    L = 3.0
+    _, map_ref = structural_similarity(np.where(mask, pred, 0), np.where(mask, vol, 0), data_range=L,
+                                       gaussian_weights=True, sigma=1.5, use_sample_covariance=True,
+                                       channel_axis=-1, full=True)
+    assert mm.ssim(pred, vol, mask, data_range=L) == pytest.approx(np.mean(map_ref[mask]), rel=1e-10)
+    np.testing.assert_allclose(mm.ssim_map(pred[..., 1], vol[..., 1], mask[..., 1], data_range=L)[mask[..., 1]],
+                               map_ref[..., 1][mask[..., 1]], rtol=1e-10)
