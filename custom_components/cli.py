@@ -36,6 +36,15 @@ def _floats(x, what: str) -> list[float] | None:
         raise ValueError(f"{what} must be numbers, got {x!r}") from None
 
 
+def _one(x, what: str) -> float | None:
+    v = _floats(x, what)
+    if v is not None and len(v) != 1:
+        from .io import InputError
+
+        raise InputError(f"{what} needs one number, got {x!r}")
+    return None if v is None else v[0]
+
+
 def _pair(x, what: str, cast=float):
     v = _floats(x, what)
     if v is None:
@@ -51,6 +60,7 @@ class QMRI:
     """qMRI Diffusor: T1, PD and inversion-efficiency maps from inversion-recovery images."""
 
     def map(self, input: str, out: str, method: str = "mle", mask: str | None = None, tis=None, tr=None,
+            echo_spacing=None, etl=None,
             noise: str = "rician", n_coils: int = 1, sigma: float | None = None, overwrite: bool = False,
             samples: int | None = None, steps: int | None = None, sampler: str | None = None,
             symmetry: str | None = None, device: str = "cpu", bundle: str | None = None, weights: str | None = None,
@@ -71,6 +81,10 @@ class QMRI:
             mask: optional NIfTI mask (non-zero = map); default: voxels with signal above the noise.
             tis: inversion times in s (comma separated) for a NIfTI without sidecar.
             tr: repetition time(s) in s (one, or one per image) for a NIfTI without sidecar.
+            echo_spacing: echo spacing of the echo train in s. Headers give the effective echo time of a
+                fast spin echo, not the spacing; without this flag the echo time is taken as the spacing
+                (its upper bound), and a train that then does not fit in TR is refused.
+            etl: echo train length (echoes per excitation); replaces the header's EchoTrainLength.
             noise: rician (one coil) or ncchi (root-sum-of-squares of --n_coils coils) for mle.
             n_coils: coils of the RSS combination (noise ncchi).
             sigma: noise std per channel (mle, rim); default: estimated from the background.
@@ -92,7 +106,8 @@ class QMRI:
         from .io import load_nifti_map, load_series, save_maps
         from .mapping import map_series, output_arrays, sidecars_for
 
-        series = load_series(input, tis=_floats(tis, "--tis"), tr=(None if tr is None else (lambda v: v[0] if len(v) == 1 else v)(_floats(tr, "--tr"))))
+        series = load_series(input, tis=_floats(tis, "--tis"), tr=(None if tr is None else (lambda v: v[0] if len(v) == 1 else v)(_floats(tr, "--tr"))),
+                             echo_spacing=_one(echo_spacing, "--echo_spacing"), etl=_one(etl, "--etl"))
         if bids:  # labels first: a missing one fails before any mapping
             from . import __version__
             from .io import bids_entities, check_bids_target, save_bids_derivatives

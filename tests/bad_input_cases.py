@@ -148,6 +148,14 @@ def inf_in_image(d):
     return _map(_raw_nifti(d, x))
 
 
+def fse_echo_train_longer_than_tr(d):
+    """A dcm2niix-style FSE sidecar: EchoTime is the effective TE (0.1 s), 64 echoes, TR 4 s."""
+    path = _raw_nifti(d, _series())
+    path.with_name("scan.json").write_text(json.dumps({"InversionTime": list(get_protocol("paper").tis),
+                                                       "RepetitionTime": 4.0, "EchoTime": 0.1, "EchoTrainLength": 64}))
+    return _map(path)
+
+
 def negative_magnitude(d):
     x = _series()
     x[0, 0, 0, 0] = -5.0
@@ -308,6 +316,8 @@ CASES = [
     Case("tis_not_numbers", "--tis with a letter", tis_not_numbers, "must be numbers"),
     Case("tis_negative", "--tis with a negative TI", tis_negative, "must be finite and > 0"),
     Case("ti_longer_than_tr", "TI of 2.5 s with TR 1 s", ti_longer_than_tr, "TR"),
+    Case("fse_echo_train_longer_than_tr", "FSE sidecar (dcm2niix): EchoTrainLength 64, effective EchoTime 0.1 s, "
+         "TR 4 s, no echo spacing", fse_echo_train_longer_than_tr, "impossible timing"),
     Case("mismatched_image_shapes", "BIDS IRT1 collection with one image of another matrix", mismatched_image_shapes,
          "shape"),
     Case("nan_in_image", "a NaN voxel", nan_in_image, "NaN/Inf"),

@@ -24,21 +24,58 @@ FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 
 @st.composite
-def protocols(draw, tr=True):
+def timings(draw):
+    """Protocol arguments over the whole range, echo trains of 1-64 echoes (spacing up to 30 ms) and TRs
+    from just above the last TI: many trains do not fit between TI and the next inversion."""
     n = draw(st.integers(3, 10))
     tis = sorted(draw(st.lists(st.floats(1e-3, 5.0), min_size=n, max_size=n, unique=True)))
     assume(min(np.diff(tis)) > 1e-4)
-    rep = draw(st.one_of(st.none(), st.floats(max(tis) + 0.02, 20.0))) if tr else None
-    return Protocol(inversion_times_s=tuple(tis), repetition_time_s=rep)
+    etl = draw(st.integers(1, 64))
+    esp = draw(st.floats(0.0, 0.03))
+    rep = draw(st.one_of(st.none(), st.floats(max(tis) + 1e-3, max(tis) + 3.0), st.floats(max(tis) + 1e-3, 20.0)))
+    if rep is not None and draw(st.booleans()):  # one TR per image, growing with TI (some scanners)
+        rep = tuple(float(t + rep - max(tis)) for t in tis)
+    return dict(inversion_times_s=tuple(tis), repetition_time_s=rep, echo_train_length=etl, echo_spacing_s=esp)
+
+
+@st.composite
+def protocols(draw, tr=True):
+    """Valid protocols (echo train of 1-64 echoes that ends before the next inversion)."""
+    kw = draw(timings())
+    if not tr:
+        kw["repetition_time_s"] = None
+    elif kw["repetition_time_s"] is not None:
+        tis = np.asarray(kw["inversion_times_s"])
+        ro = kw["echo_train_length"] * kw["echo_spacing_s"]
+        tr_n = np.broadcast_to(np.asarray(kw["repetition_time_s"], float), tis.shape)
+        assume(np.all(tr_n - tis - ro >= 1e-3))
+    return Protocol(**kw)
 
 
 @FAST
-@given(t1=T1, pd=PD, b=B, protocol=protocols())
-def test_signal_is_finite_non_negative_and_bounded(t1, pd, b, protocol):
+@given(t1=T1, pd=PD, b=B, kw=timings())
+def test_signal_never_exceeds_the_relaxed_magnetisation_and_impossible_timing_is_refused(t1, pd, b, kw):
+    """|Mz| after any history of inversions (efficiency B >= 0), saturating readouts and free
+    relaxation: with a = e^(-TI/T1), c = e^(-Trec/T1) and Trec = TR - readout >= TI (the train ends
+    before the next inversion), 0 <= c <= a <= 1 and s/PD = 1 - B a + (B - 1) c is linear in (a, c)
+    over that triangle, so it lies between its corner values 1, 1 - B and 0:
+    |s| <= PD max(1, |1 - B|) (= PD for B in [0, 2]). A protocol whose echo train does not fit is
+    refused, with one line, exactly when TI + readout > TR for some image."""
+    tis = np.asarray(kw["inversion_times_s"])
+    readout = kw["echo_train_length"] * kw["echo_spacing_s"]
+    fits = kw["repetition_time_s"] is None or bool(np.all(
+        np.broadcast_to(np.asarray(kw["repetition_time_s"], float), tis.shape) - tis - readout >= -1e-9))
+    try:
+        protocol = Protocol(**kw)
+    except ProtocolError as e:
+        assert not fits and "impossible timing" in str(e) and "\n" not in str(e)
+        return
+    assert fits
+    rec = protocol.recovery_times_s()
+    assert rec is None or (rec > 0).all()
     s = signal(torch.tensor([t1, pd, b], dtype=torch.float64), protocol)
     assert torch.isfinite(s).all() and (s >= 0).all()
-    # |1 - B e^(-TI/T1) + (B-1) e^(-Trec/T1)| <= 1 + B + |B - 1|
-    assert (s <= pd * (1 + b + abs(b - 1)) + 1e-9).all()
+    assert (s <= pd * max(1.0, abs(1.0 - b)) * (1 + 1e-12) + 1e-9).all(), (s, pd, b)
 
 
 @FAST

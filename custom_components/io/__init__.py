@@ -42,7 +42,8 @@ from .derivatives import BIDS_IGNORE_PATTERNS, BIDS_MAP_NAMES, BIDS_VERSION, bid
 
 
 def load_series(path: str | os.PathLike, tis: Sequence[float] | None = None,
-                tr: float | Sequence[float] | None = None, *, signed: bool = False) -> IRSeries:
+                tr: float | Sequence[float] | None = None, *, signed: bool = False,
+                echo_spacing: float | None = None, etl: int | None = None) -> IRSeries:
     """Read an inversion-recovery series from a 4D NIfTI, a DICOM folder or a BIDS IRT1 collection.
 
     Args:
@@ -54,6 +55,9 @@ def load_series(path: str | os.PathLike, tis: Sequence[float] | None = None,
         tr: repetition time in s, one value or one per image (same rules as ``tis``).
         signed: the NIfTI/BIDS images are signed real data (negative values allowed: their
             magnitude is taken). DICOM images say this themselves (ImageType, negative values).
+        echo_spacing: echo spacing of the echo train in s; replaces what the headers imply (their
+            echo time, an upper bound for a fast spin echo; see custom_components.physics.protocol).
+        etl: echo train length; replaces the headers' EchoTrainLength.
 
     Returns:
         An :class:`IRSeries` with images sorted by increasing TI.
@@ -66,13 +70,13 @@ def load_series(path: str | os.PathLike, tis: Sequence[float] | None = None,
         if p.is_dir():
             group = _irt1_group_in_folder(p)
             if group is not None:
-                return _load_bids_irt1(group, p, tis, tr, signed)
-            return _load_dicom_folder(p, tis, tr)
+                return _load_bids_irt1(group, p, tis, tr, signed, echo_spacing, etl)
+            return _load_dicom_folder(p, tis, tr, echo_spacing, etl)
         if p.is_file():
             if _IRT1_RE.match(p.name):
-                return _load_bids_irt1(_irt1_group_of_file(p), p, tis, tr, signed)
+                return _load_bids_irt1(_irt1_group_of_file(p), p, tis, tr, signed, echo_spacing, etl)
             if _is_nifti_name(p.name):
-                return _load_nifti_4d(p, tis, tr, signed)
+                return _load_nifti_4d(p, tis, tr, signed, echo_spacing, etl)
             if p.suffix.lower() == ".json":
                 raise InputError(f"{p}: is a JSON sidecar; give the NIfTI file it describes")
             if _dicom_kind(p) == "dicom":
@@ -84,7 +88,7 @@ def load_series(path: str | os.PathLike, tis: Sequence[float] | None = None,
             raise InputError(f"{p}: is neither a file nor a folder")
         group = _irt1_group_by_prefix(p)
         if group is not None:
-            return _load_bids_irt1(group, p, tis, tr, signed)
+            return _load_bids_irt1(group, p, tis, tr, signed, echo_spacing, etl)
         raise InputError(f"{p}: no such file or folder (nor BIDS IRT1 files starting with {p.name!r})")
     except PermissionError as e:
         raise InputError(f"{p}: permission denied ({e.filename or p})") from e

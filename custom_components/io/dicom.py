@@ -240,7 +240,7 @@ def _read_dicom_image(f: Path, has_preamble: bool) -> _DicomImage | None:
 
 
 
-def _load_dicom_folder(folder: Path, tis, tr) -> IRSeries:
+def _load_dicom_folder(folder: Path, tis, tr, echo_spacing=None, etl=None) -> IRSeries:
     entries = sorted(folder.iterdir())
     images: list[_DicomImage] = []
     skipped: list[str] = []
@@ -291,7 +291,8 @@ def _load_dicom_folder(folder: Path, tis, tr) -> IRSeries:
             raise InputError(f"{folder}: slice at {s[0].position_mm:g} mm has TIs {tl} ms but slice at "
                              f"{slices[0][0].position_mm:g} mm has {ti_lists[0]} ms")
     try:
-        protocols = [from_dicom_headers([im.ds for im in s]) for s in slices]
+        protocols = [from_dicom_headers([im.ds for im in s], echo_spacing_s=echo_spacing, echo_train_length=etl)
+                     for s in slices]
     except ProtocolError as e:
         raise InputError(f"{folder}: {e}") from e
     protocol = protocols[0]

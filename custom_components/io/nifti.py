@@ -123,7 +123,7 @@ def _sidecar_marks_real(sidecar: Mapping) -> bool:
 
 
 
-def _load_nifti_4d(p: Path, tis, tr, signed: bool) -> IRSeries:
+def _load_nifti_4d(p: Path, tis, tr, signed: bool, echo_spacing=None, etl=None) -> IRSeries:
     img = _nib_load(p)
     if len(img.shape) != 4:
         raise InputError(f"{p}: image is {len(img.shape)}D with shape {tuple(img.shape)}; expected 4D "
@@ -169,7 +169,15 @@ def _load_nifti_4d(p: Path, tis, tr, signed: bool) -> IRSeries:
         if tr_list is not None:
             d["RepetitionTime"] = tr_list[i]
         per_image.append(d)
-    protocol = _bids_protocol(per_image, sidecar, str(sc_path if sidecar else p), notes)
+    given = {}
+    if tis is not None:
+        given["inversion_times_s"] = "tis argument (qmri map --tis)"
+    if tr is not None:
+        given["repetition_time_s"] = "tr argument (qmri map --tr)"
+    elif sidecar.get("RepetitionTimeExcitation") is not None:
+        given["repetition_time_s"] = "sidecar RepetitionTimeExcitation"
+    protocol = _bids_protocol(per_image, sidecar, str(sc_path if sidecar else p), notes,
+                              echo_spacing=echo_spacing, etl=etl, sources=given)
     flagged = signed or _sidecar_marks_real(sidecar)
     return _finish(data, np.asarray(img.affine, float), protocol, str(p), notes, files,
                    negatives="magnitude" if flagged else "error")
@@ -194,15 +202,15 @@ def _same_floats(a: Sequence[float], b: Sequence[float], atol: float = 1e-6) -> 
 
 
 
-def _bids_protocol(per_image: list[dict], sidecar: Mapping, where: str, notes: list[str]) -> Protocol:
-    """Protocol from per-image BIDS sidecars (sorted by TI), plus this package's own protocol keys."""
+def _bids_protocol(per_image: list[dict], sidecar: Mapping, where: str, notes: list[str], *,
+                   echo_spacing=None, etl=None, sources=None) -> Protocol:
+    """Protocol from per-image BIDS sidecars (sorted by TI), plus this package's own protocol keys
+    (``qMRIProtocol``: echo spacing, ordering, name) and the caller's echo spacing / train length;
+    each timing's source is recorded (:attr:`Protocol.timing_sources`)."""
     try:
-        protocol = from_bids_sidecars(per_image)
         q = sidecar.get("qMRIProtocol")
-        if isinstance(q, dict):
-            extra = {k: q[k] for k in ("echo_spacing_s", "ordering", "name") if k in q}
-            if extra:
-                protocol = protocol.with_(**extra)
+        per_image = [dict(d, qMRIProtocol=q) if isinstance(q, dict) else d for d in per_image]
+        protocol = from_bids_sidecars(per_image, echo_spacing_s=echo_spacing, echo_train_length=etl, sources=sources)
     except ProtocolError as e:
         raise InputError(f"{where}: {e}") from e
     except (TypeError, ValueError) as e:
@@ -265,7 +273,7 @@ def _irt1_group_by_prefix(p: Path) -> list[Path] | None:
 
 
 
-def _load_bids_irt1(paths: list[Path], source: Path, tis, tr, signed: bool) -> IRSeries:
+def _load_bids_irt1(paths: list[Path], source: Path, tis, tr, signed: bool, echo_spacing=None, etl=None) -> IRSeries:
     notes: list[str] = [f"BIDS IRT1 collection of {len(paths)} files"]
     files: list[str] = []
     images, affines, sidecars, inv_index = [], [], [], []
@@ -310,22 +318,27 @@ def _load_bids_irt1(paths: list[Path], source: Path, tis, tr, signed: bool) -> I
                                             [sc["InversionTime"] for sc in sorted_sc]):
         raise InputError(f"{source}: given inversion times {list(tis)} s disagree with the sidecars' "
                          f"{[sc['InversionTime'] for sc in sorted_sc]} s")
+    given_tr, tr_key = False, "RepetitionTime"
     for sc in sorted_sc:  # one TR per image
         t = sc.pop("RepetitionTimeExcitation", None)
         if t is not None:
             sc["RepetitionTime"] = t
+            tr_key = "RepetitionTimeExcitation"
     if tr is not None:
         tr_list = _per_image_tr(tr, n, str(source), "repetition time") or []
         file_tr = [sc.get("RepetitionTime") for sc in sorted_sc]
         if None in file_tr:  # the sidecars do not say: the given TR is used
             for sc, t in zip(sorted_sc, tr_list):
                 sc["RepetitionTime"] = t
+            given_tr = True
         elif not _same_floats(_floats(file_tr, "RepetitionTime", str(source)), tr_list):
             raise InputError(f"{source}: given repetition time {tr} s disagrees with the sidecars' {file_tr} s")
     if [inv_index[i] for i in order] != sorted(inv_index):
         notes.append("inv-<n> indices are not in TI order; images ordered by InversionTime")
     data = np.stack([images[i] for i in order], axis=-1)
-    protocol = _bids_protocol(sorted_sc, sorted_sc[0], str(source), notes)
+    protocol = _bids_protocol(sorted_sc, sorted_sc[0], str(source), notes, echo_spacing=echo_spacing, etl=etl,
+                              sources={"repetition_time_s": "tr argument (qmri map --tr)" if given_tr
+                                       else f"sidecar {tr_key}"})
     flagged = signed or any(_sidecar_marks_real(sc) for sc in sidecars)
     return _finish(data, affines[0], protocol, str(source), notes, files,
                    negatives="magnitude" if flagged else "error")

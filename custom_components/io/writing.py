@@ -212,7 +212,7 @@ def save_maps(out_dir: str | os.PathLike, maps: Mapping[str, Any], affine: Any,
 
 
 _PROTOCOL_KEYS = ("InversionTime", "RepetitionTime", "EchoTime", "EchoTrainLength",
-                  "MagneticFieldStrength", "qMRIProtocol")
+                  "MagneticFieldStrength", "qMRIProtocol", "qMRITimingSources")
 
 
 
@@ -220,7 +220,9 @@ def protocol_sidecar(protocol: Protocol) -> dict:
     """BIDS-style sidecar keys of a protocol (times in s), plus ``qMRIProtocol`` (the full protocol).
 
     ``InversionTime`` is the list of TIs; ``RepetitionTime`` a scalar or one value per image (absent
-    for full recovery); ``qMRIProtocol`` keeps what BIDS has no key for (echo spacing, ordering).
+    for full recovery); ``qMRIProtocol`` keeps what BIDS has no key for (echo spacing, ordering);
+    ``qMRITimingSources`` says where each timing the signal model uses came from (a header field, an
+    argument/flag or a default: :attr:`Protocol.timing_provenance`).
     """
     d: dict[str, Any] = {"InversionTime": list(protocol.inversion_times_s)}
     if protocol.repetition_time_s is not None:
@@ -230,6 +232,7 @@ def protocol_sidecar(protocol: Protocol) -> dict:
     d["EchoTrainLength"] = int(protocol.echo_train_length)
     d["MagneticFieldStrength"] = float(protocol.field_strength_t)
     d["qMRIProtocol"] = protocol.to_dict()
+    d["qMRITimingSources"] = protocol.timing_provenance
     return d
 
 

@@ -9,20 +9,39 @@ Readers:
 - :meth:`Protocol.from_dict` / :meth:`Protocol.from_json` -- a config (the keys of :meth:`to_dict`).
 - :func:`from_bids_sidecars` -- BIDS sidecars (``InversionTime``, ``RepetitionTime``... in seconds).
 - :func:`from_dicom_headers` -- pydicom datasets (``InversionTime`` etc. in ms in DICOM).
+
+Every timing the signal model uses (TI, TR, echo spacing, echo train length: the readout lasts
+ETL x echo spacing, the recovery ``TR - readout``) has a named source in
+:attr:`Protocol.timing_sources` (a header field, an argument/CLI flag or a documented default), which
+the output sidecars carry. A protocol whose echo train does not fit between TI and the next inversion
+(``TI + readout > TR``, which includes any recovery time ``TR - readout <= 0``) is refused when it
+is built: the model's ``(B - 1) exp(-Trec/T1)`` term would otherwise exceed PD, without bound.
+
+Echo spacing from headers (see :func:`_from_header_values`): BIDS and DICOM give the *effective*
+echo time of a fast spin echo (the echo at the centre of k-space), not the echo spacing. The effective
+TE is echo k >= 1 of the train, so the echo spacing is at most TE (equal for centric ordering, k = 1).
+Without an explicit spacing (argument, ``qmri map --echo_spacing``, or this package's own
+``qMRIProtocol.echo_spacing_s`` sidecar key) the readers take spacing = TE: the longest readout
+the header allows. dcm2niix's ``EffectiveEchoSpacing`` is *not* used: it is the EPI phase-encode
+line spacing (for distortion correction), not the spacing of a spin-echo train.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 
 class ProtocolError(ValueError):
     """An inconsistent or incomplete protocol."""
+
+
+#: The protocol fields the signal model's timing comes from (keys of ``Protocol.timing_sources``).
+TIMING_FIELDS = ("inversion_times_s", "repetition_time_s", "echo_time_s", "echo_train_length", "echo_spacing_s")
 
 
 @dataclass(frozen=True)
@@ -40,6 +59,9 @@ class Protocol:
         field_strength_t: B0 in tesla (documentation and tissue-value choice only).
         ordering: phase-encode ordering of the echo train, "centric" or "linear".
         name: a short label written into sidecars.
+        timing_sources: where each timing field came from (keys of :data:`TIMING_FIELDS`, values
+            e.g. "sidecar EchoTime", "--echo_spacing", "default 1 (no EchoTrainLength)"); provenance
+            only: not compared, not in :meth:`to_dict`. :attr:`timing_provenance` fills missing keys.
     """
 
     inversion_times_s: tuple[float, ...]
@@ -50,6 +72,7 @@ class Protocol:
     field_strength_t: float = 3.0
     ordering: str = "centric"
     name: str = "custom"
+    timing_sources: Mapping[str, str] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         tis = tuple(float(t) for t in np.atleast_1d(np.asarray(self.inversion_times_s, dtype=float)))
@@ -76,9 +99,45 @@ class Protocol:
             object.__setattr__(self, "repetition_time_s", tr)
         if self.ordering not in ("centric", "linear"):
             raise ProtocolError(f"ordering must be 'centric' or 'linear', got {self.ordering!r}")
-        if int(self.echo_train_length) < 1:
-            raise ProtocolError("echo_train_length must be >= 1")
-        object.__setattr__(self, "echo_train_length", int(self.echo_train_length))
+        etl = self.echo_train_length
+        if (isinstance(etl, bool) or not isinstance(etl, (int, np.integer, float, np.floating)) or not np.isfinite(etl)
+                or etl != int(etl) or int(etl) < 1):
+            raise ProtocolError(f"echo_train_length must be a whole number >= 1, got {etl!r}")
+        object.__setattr__(self, "echo_train_length", int(etl))
+        for key in ("echo_time_s", "echo_spacing_s"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v) or v < 0:
+                raise ProtocolError(f"{key} must be a finite number >= 0 s, got {v!r}")
+            object.__setattr__(self, key, float(v))
+        src = self.timing_sources
+        if src is not None:
+            if not isinstance(src, Mapping) or not all(k in TIMING_FIELDS and isinstance(v, str) for k, v in src.items()):
+                raise ProtocolError(f"timing_sources must map {list(TIMING_FIELDS)} to text, got {src!r}")
+            object.__setattr__(self, "timing_sources", dict(src))
+        self._check_readout_fits()
+
+    def _check_readout_fits(self) -> None:
+        """Refuse an echo train that does not end before the next inversion (TI_n + readout > TR_n).
+
+        Then also TR_n - readout (the model's recovery time) could be <= 0, and the model's
+        (B - 1) exp(-Trec/T1) term would be larger than PD: a signal no magnetisation can give.
+        """
+        if self.repetition_time_s is None:
+            return
+        tr = np.broadcast_to(np.asarray(self.repetition_time_s, dtype=float), (self.n_images,))
+        ro = self.readout_duration_s
+        spare = tr - self.tis - ro
+        if np.all(spare >= -1e-9):
+            return
+        n = int(np.argmin(spare))
+        src = self.timing_provenance
+        raise ProtocolError(
+            f"impossible timing: the echo train ({self.echo_train_length} echoes x {self.echo_spacing_s * 1e3:g} ms "
+            f"echo spacing = {ro:g} s readout) after TI {tr_fmt(self.tis[n])} s does not end before TR "
+            f"{tr_fmt(tr[n])} s (recovery time TR - readout = {tr_fmt(tr[n] - ro)} s; echo spacing from "
+            f"{src['echo_spacing_s']}, echo train length from {src['echo_train_length']}, TR from "
+            f"{src['repetition_time_s']}); give the scanner's echo spacing (qmri map --echo_spacing SECONDS) "
+            "or echo train length (--etl)")
 
     # ------------------------------------------------------------------ derived quantities
     @property
@@ -108,13 +167,27 @@ class Protocol:
         return tr - self.readout_duration_s
 
     @property
+    def timing_provenance(self) -> dict[str, str]:
+        """The source of every timing field (:data:`TIMING_FIELDS`), plus the derived readout and
+        recovery: what the output sidecars write as ``qMRITimingSources``. A field without a
+        recorded source was set by the protocol definition itself (a preset, a config or code)."""
+        given = dict(self.timing_sources or {})
+        out = {k: given.get(k, f"protocol {self.name!r}") for k in TIMING_FIELDS}
+        out["readout_duration_s"] = (f"echo_train_length x echo_spacing_s = {self.echo_train_length} x "
+                                     f"{self.echo_spacing_s:g} s = {self.readout_duration_s:g} s")
+        out["recovery_times_s"] = ("none: full recovery (no TR)" if self.repetition_time_s is None
+                                   else "repetition_time_s - readout_duration_s")
+        return out
+
+    @property
     def has_constant_tr(self) -> bool:
         rec = self.recovery_times_s()
         return rec is None or bool(np.allclose(rec, rec[0]))
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:
-        d = asdict(self)
+        """The protocol's values (no provenance: :attr:`timing_sources` is not included)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "timing_sources"}
         d["inversion_times_s"] = list(self.inversion_times_s)
         if isinstance(self.repetition_time_s, tuple):
             d["repetition_time_s"] = list(self.repetition_time_s)
@@ -136,8 +209,13 @@ class Protocol:
             return cls.from_dict(json.load(f))
 
     def with_(self, **changes) -> "Protocol":
+        """A copy with ``changes``; ``timing_sources`` (a dict) is merged into the current sources, and
+        a changed timing field without a new source loses its old one."""
         d = self.to_dict()
+        sources = {k: v for k, v in (self.timing_sources or {}).items() if k not in changes}
+        sources.update(changes.pop("timing_sources", None) or {})
         d.update(changes)
+        d["timing_sources"] = sources or None
         return Protocol.from_dict(d)
 
 
@@ -236,18 +314,83 @@ def _common(values: Sequence[float | None], what: str) -> float | None:
     return float(vals[0])
 
 
-def _from_header_values(tis, trs, tes, etls, b0s, name: str) -> Protocol:
-    """A protocol from per-image header values (times in s; None where a header lacks a value)."""
+def tr_fmt(x: float) -> str:
+    """A time in s for messages: 4 significant digits."""
+    return f"{float(x):.4g}"
+
+
+def _from_header_values(tis, trs, tes, etls, b0s, name: str, fields_: Mapping[str, str], *,
+                        echo_spacing_s: float | None = None, echo_train_length: int | None = None,
+                        sources: Mapping[str, str] | None = None, ordering: str | None = None) -> Protocol:
+    """A protocol from per-image header values (times in s; None where a header lacks a value).
+
+    ``fields_`` names the header fields the values came from (keys ``TI``, ``TR``, ``TE``, ``ETL``),
+    ``sources`` overrides those names for values a caller put in (e.g. ``--tis``). The echo train:
+
+    - echo train length: ``echo_train_length`` (``--etl``), else the header's, else 1 (documented
+      default: one echo per excitation);
+    - echo spacing: ``echo_spacing_s`` (``--echo_spacing`` or ``qMRIProtocol.echo_spacing_s``), else
+      the header's echo time, which is the echo spacing for one echo per excitation and its upper
+      bound for an echo train (the effective TE is echo k >= 1: k = 1 for centric ordering), else 0 s
+      for one echo per excitation; an echo train without either is refused (its length is unknown).
+    """
+    src = {"inversion_times_s": fields_["TI"]}
+    src.update(sources or {})
     tr = None
     if all(t is not None for t in trs):
         tr = tuple(float(t) for t in trs)
         if np.allclose(tr, tr[0]):
             tr = tr[0]
+        src.setdefault("repetition_time_s", fields_["TR"])
+    else:
+        src["repetition_time_s"] = (f"none: no {fields_['TR']} for every image, full recovery between "
+                                    "inversions assumed")
     te = _common(tes, "EchoTime")
-    etl = _common(etls, "EchoTrainLength")
+    src.setdefault("echo_time_s", fields_["TE"] if te is not None else f"default 0 s (no {fields_['TE']})")
+    etl_header = _common(etls, "EchoTrainLength")
+    if echo_train_length is not None:
+        etl = echo_train_length
+        src.setdefault("echo_train_length", "echo_train_length argument (qmri map --etl)")
+        if etl_header is not None and etl_header != float(etl):
+            src["echo_train_length"] += f", replacing {fields_['ETL']} {etl_header:g}"
+    elif etl_header is not None:
+        etl = etl_header
+        src.setdefault("echo_train_length", fields_["ETL"])
+    else:
+        etl = 1
+        src.setdefault("echo_train_length", f"default 1 (no {fields_['ETL']}: one echo per excitation assumed)")
+    try:
+        ok = not isinstance(etl, bool) and np.isfinite(float(etl)) and float(etl) == int(float(etl)) >= 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ProtocolError(f"echo train length must be a whole number >= 1, got {etl!r} ({src['echo_train_length']})")
+    etl = int(float(etl))
+    if echo_spacing_s is not None:
+        try:
+            esp = float(echo_spacing_s)
+        except (TypeError, ValueError):
+            esp = float("nan")
+        if isinstance(echo_spacing_s, bool) or not np.isfinite(esp) or esp <= 0:
+            raise ProtocolError(f"echo spacing must be a finite number > 0 s, got {echo_spacing_s!r}")
+        src.setdefault("echo_spacing_s", "echo_spacing argument (qmri map --echo_spacing)")
+    elif te is not None:
+        esp = te
+        src["echo_spacing_s"] = (f"{fields_['TE']} (one echo per excitation)" if etl == 1 else
+                                 f"{fields_['TE']} (the effective TE taken as the first echo, centric "
+                                 "ordering: the largest echo spacing it allows)")
+    elif etl == 1:
+        esp = 0.0
+        src["echo_spacing_s"] = f"default 0 s (no {fields_['TE']}: the readout taken as instantaneous)"
+    else:
+        raise ProtocolError(f"an echo train of {etl} echoes ({src['echo_train_length']}) but no {fields_['TE']} "
+                            "nor echo spacing: the readout's duration is unknown; give the echo spacing "
+                            "(qmri map --echo_spacing SECONDS)")
     b0 = _common(b0s, "MagneticFieldStrength")
+    extra = {} if ordering is None else {"ordering": ordering}
     return Protocol(inversion_times_s=tuple(tis), repetition_time_s=tr, echo_time_s=te or 0.0,
-                    echo_train_length=int(etl or 1), echo_spacing_s=te or 0.0, field_strength_t=b0 or 3.0, name=name)
+                    echo_train_length=etl, echo_spacing_s=esp, field_strength_t=b0 or 3.0, name=name,
+                    timing_sources=src, **extra)
 
 
 def from_inversion_times(tis_s: Iterable[float], tr_s=None, **kw) -> Protocol:
@@ -255,11 +398,17 @@ def from_inversion_times(tis_s: Iterable[float], tr_s=None, **kw) -> Protocol:
     return Protocol(inversion_times_s=tuple(float(t) for t in tis_s), repetition_time_s=tr_s, **kw)
 
 
-def from_bids_sidecars(sidecars: Sequence[dict]) -> Protocol:
+def from_bids_sidecars(sidecars: Sequence[dict], *, echo_spacing_s: float | None = None,
+                       echo_train_length: int | None = None, sources: Mapping[str, str] | None = None) -> Protocol:
     """A protocol from one BIDS sidecar per image (times in s), in the order of the images.
 
     A single sidecar whose ``InversionTime`` is a list describes a 4D file. The images must already
-    be sorted by TI (the readers in :mod:`custom_components.io` sort them).
+    be sorted by TI (the readers in :mod:`custom_components.io` sort them). ``echo_spacing_s`` and
+    ``echo_train_length`` (``qmri map --echo_spacing/--etl``) replace what the sidecars say; the
+    package's own sidecar key ``qMRIProtocol`` (written by :func:`custom_components.io.protocol_sidecar`)
+    gives the echo spacing, ordering and name BIDS has no key for. ``sources`` names values a caller
+    put into the sidecars (e.g. ``{"inversion_times_s": "--tis"}``). How the echo spacing is chosen:
+    :func:`_from_header_values`.
     """
     if len(sidecars) == 1 and isinstance(sidecars[0].get("InversionTime"), (list, tuple)):
         sc = sidecars[0]
@@ -273,13 +422,35 @@ def from_bids_sidecars(sidecars: Sequence[dict]) -> Protocol:
             raise ProtocolError(f"sidecar {i} has no InversionTime")
         tis.append(float(sc["InversionTime"]))
     trs = [sc.get("RepetitionTimeExcitation", sc.get("RepetitionTime")) for sc in sidecars]
-    return _from_header_values(tis, trs, [sc.get("EchoTime") for sc in sidecars],
-                               [sc.get("EchoTrainLength") for sc in sidecars],
-                               [sc.get("MagneticFieldStrength") for sc in sidecars], "bids")
+    tr_key = "RepetitionTimeExcitation" if any("RepetitionTimeExcitation" in sc for sc in sidecars) else "RepetitionTime"
+    q = sidecars[0].get("qMRIProtocol") if sidecars and isinstance(sidecars[0], Mapping) else None
+    q = q if isinstance(q, Mapping) else {}
+    src = dict(sources or {})
+    if echo_spacing_s is None and q.get("echo_spacing_s") is not None:
+        echo_spacing_s = q["echo_spacing_s"]
+        if isinstance(echo_spacing_s, bool) or not isinstance(echo_spacing_s, (int, float)):
+            raise ProtocolError(f"qMRIProtocol.echo_spacing_s must be a number (s), got {echo_spacing_s!r}")
+        src.setdefault("echo_spacing_s", "sidecar qMRIProtocol.echo_spacing_s")
+    p = _from_header_values(tis, trs, [sc.get("EchoTime") for sc in sidecars],
+                            [sc.get("EchoTrainLength") for sc in sidecars],
+                            [sc.get("MagneticFieldStrength") for sc in sidecars], "bids",
+                            {"TI": "sidecar InversionTime", "TR": f"sidecar {tr_key}", "TE": "sidecar EchoTime",
+                             "ETL": "sidecar EchoTrainLength"},
+                            echo_spacing_s=echo_spacing_s, echo_train_length=echo_train_length, sources=src,
+                            ordering=q.get("ordering"))
+    if q.get("name") is not None:
+        p = p.with_(name=q["name"])
+    return p
 
 
-def from_dicom_headers(datasets: Sequence) -> Protocol:
-    """A protocol from pydicom datasets sorted by TI (DICOM gives times in ms; converted to s)."""
+def from_dicom_headers(datasets: Sequence, *, echo_spacing_s: float | None = None,
+                       echo_train_length: int | None = None) -> Protocol:
+    """A protocol from pydicom datasets sorted by TI (DICOM gives times in ms; converted to s).
+
+    The echo train length is the standard EchoTrainLength (0018,0091); the standard MR image header
+    has no echo spacing of a spin-echo train, and vendors' private fields are not read: the echo
+    spacing is ``echo_spacing_s`` (``qmri map --echo_spacing``) or else EchoTime (0018,0081), its upper
+    bound (see :func:`_from_header_values`)."""
     def ms(ds, kw):
         v = ds.get(kw)
         return None if v in (None, "") else float(v) / 1000.0
@@ -292,8 +463,11 @@ def from_dicom_headers(datasets: Sequence) -> Protocol:
         tis.append(ti)
     return _from_header_values(tis, [ms(ds, "RepetitionTime") for ds in datasets],
                                [ms(ds, "EchoTime") for ds in datasets], [ds.get("EchoTrainLength") for ds in datasets],
-                               [ds.get("MagneticFieldStrength") for ds in datasets], "dicom")
+                               [ds.get("MagneticFieldStrength") for ds in datasets], "dicom",
+                               {"TI": "DICOM InversionTime (0018,0082)", "TR": "DICOM RepetitionTime (0018,0080)",
+                                "TE": "DICOM EchoTime (0018,0081)", "ETL": "DICOM EchoTrainLength (0018,0091)"},
+                               echo_spacing_s=echo_spacing_s, echo_train_length=echo_train_length)
 
 
-__all__ = ["Protocol", "ProtocolError", "check_same_inversion_times", "check_same_timing", "paper_protocol", "nist_15t_protocol", "get_protocol",
+__all__ = ["Protocol", "ProtocolError", "TIMING_FIELDS", "check_same_inversion_times", "check_same_timing", "paper_protocol", "nist_15t_protocol", "get_protocol",
            "from_inversion_times", "from_bids_sidecars", "from_dicom_headers", "PRESETS"]
