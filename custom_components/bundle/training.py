@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -312,6 +313,7 @@ def write_weights_card(path: str | os.PathLike, **fields) -> Path:
     for k in ("fit_condition", "fit_residual"):
         if k in card:
             card[k] = _as_bool(card[k])
+    card = check_weights_card(card, str(path))  # what training writes, inference must accept
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -320,18 +322,122 @@ def write_weights_card(path: str | os.PathLike, **fields) -> Path:
     return path
 
 
+#: Strings that MONAI's ConfigParser would not keep as text: "$" evaluates Python, "@" references
+#: another config item, "%" pulls in (macro) part of another file.
+CONFIG_SIGILS = ("$", "@", "%")
+
+_CARD_METHODS = ("diffusor", "resnet", "rim")
+
+
+def _card_choices(key: str) -> tuple[str, ...]:
+    from ..methods.inferers import PREDICTION_TYPES
+    from ..methods.networks import DIFFUSION_PRESETS, RESNET_PRESETS
+    from ..methods.rim import RIM_PRESETS
+
+    if key == "method":
+        return _CARD_METHODS
+    if key == "network_preset":
+        return tuple(sorted(set(DIFFUSION_PRESETS) | set(RESNET_PRESETS) | set(RIM_PRESETS)))
+    return tuple(PREDICTION_TYPES)
+
+
+def _plain_number(v, integer: bool = False) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return math.isfinite(v) and (not integer or float(v).is_integer())
+
+
+def check_weights_card(card, where: str = "weights card") -> dict:
+    """A weights card is data: check it against its schema and return it with its protocol
+    re-serialised by :meth:`Protocol.to_dict`. Raises :class:`custom_components.io.InputError` (one line).
+
+    Schema (every key optional): ``method`` and ``prediction_type`` one of the code's own names,
+    ``network_preset`` one of the presets of the networks, ``n_images`` an integer >= 3,
+    ``fit_condition``/``fit_residual`` JSON booleans, ``protocol`` an object that
+    :meth:`Protocol.from_dict` accepts whose values are numbers, lists of numbers, null or plain
+    strings. No string anywhere may start with "$", "@" or "%" (:data:`CONFIG_SIGILS`): the card's
+    values are copied into a MONAI config, where such strings are code or references."""
+    from ..io import InputError
+    from ..physics.protocol import Protocol
+
+    def refuse(why: str):
+        raise InputError(f"{where}: refused: {why} (a weights card holds data only: keys {list(CARD_KEYS)})")
+
+    if not isinstance(card, dict):
+        refuse(f"a JSON object is needed, got {type(card).__name__}")
+    unknown = sorted(str(k) for k in set(card) - set(CARD_KEYS))
+    if unknown:
+        refuse(f"unknown keys {unknown}")
+
+    def plain_string(key, v):
+        if not isinstance(v, str):
+            refuse(f"{key} must be a string, got {type(v).__name__}")
+        if v.lstrip().startswith(CONFIG_SIGILS) or "\n" in v:
+            refuse(f"{key} {v[:40]!r}... is an expression or reference, not a plain value")
+        return v
+
+    out = {}
+    for key, v in card.items():
+        if key in ("method", "network_preset", "prediction_type"):
+            plain_string(key, v)
+            if v not in _card_choices(key):
+                refuse(f"{key} must be one of {list(_card_choices(key))}, got {v[:40]!r}")
+        elif key == "n_images":
+            if not _plain_number(v, integer=True) or v < 3:
+                refuse(f"n_images must be an integer >= 3, got {str(v)[:40]!r}")
+            v = int(v)
+        elif key in ("fit_condition", "fit_residual"):
+            if not isinstance(v, bool):
+                refuse(f"{key} must be true or false, got {str(v)[:40]!r}")
+        elif key == "protocol":
+            if not isinstance(v, dict):
+                refuse(f"protocol must be a JSON object, got {type(v).__name__}")
+            for pk, pv in v.items():
+                if isinstance(pv, str):
+                    plain_string(f"protocol.{pk}", pv)
+                elif isinstance(pv, list):
+                    if not all(_plain_number(x) for x in pv):
+                        refuse(f"protocol.{pk} must hold numbers only")
+                elif pv is not None and not _plain_number(pv):
+                    refuse(f"protocol.{pk} must be a number, a list of numbers, null or a string")
+            try:
+                v = Protocol.from_dict(v).to_dict()
+            except (ValueError, TypeError) as e:  # ProtocolError is a ValueError
+                refuse(f"protocol: {' '.join(str(e).split())[:200]}")
+        out[key] = v
+    return out
+
+
 def read_weights_card(weights: str | os.PathLike) -> dict | None:
-    """The card beside ``weights`` (None if there is none); raises ValueError if it is unreadable."""
+    """The card beside ``weights`` (None if there is none), checked by :func:`check_weights_card`;
+    raises :class:`custom_components.io.InputError` (a ValueError) if it is unreadable or breaks the schema."""
+    from ..io import InputError
+
     path = weights_card_path(weights)
     if not path.exists():
         return None
     try:
         card = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable weights card ({e})") from None
-    if not isinstance(card, dict) or set(card) - set(CARD_KEYS):
-        raise ValueError(f"{path}: not a weights card (allowed keys: {list(CARD_KEYS)})")
-    return card
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: unreadable weights card ({e})") from None
+    return check_weights_card(card, str(path))
+
+
+#: The devices ``--device`` accepts: "cpu", "mps", "cuda" or "cuda:N".
+_DEVICE_FORM = re.compile(r"(cpu|mps|cuda(:[0-9]{1,3})?)")
+
+
+def parse_device(device) -> torch.device:
+    """``--device`` as a :class:`torch.device`: only the plain forms "cpu", "mps", "cuda" and "cuda:N"
+    (or a torch.device); anything else is refused with :class:`custom_components.io.InputError`. The value is
+    never pasted into a config expression."""
+    from ..io import InputError
+
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str) or not _DEVICE_FORM.fullmatch(device):
+        raise InputError(f"--device must be cpu, mps, cuda or cuda:N, got {str(device)[:60]!r}")
+    return torch.device(device)
 
 
 def card_value(weights: str | os.PathLike, key: str, default=None):
@@ -352,4 +458,4 @@ def _as_bool(v) -> bool:
     return bool(v)
 
 
-__all__ = ["checkpoint_name", "rank_summary", "attach_progress_bar", "CARD_KEYS", "write_weights_card", "read_weights_card", "card_value", "weights_card_path", "attach_checkpointing", "attach_gradient_clipping", "attach_lr_decay", "cosine_learning_rate", "init_from_weights", "adapt_input_channels", "read_weights", "load_weights", "CHECKPOINT_NAME"]
+__all__ = ["checkpoint_name", "rank_summary", "attach_progress_bar", "CARD_KEYS", "CONFIG_SIGILS", "check_weights_card", "parse_device", "write_weights_card", "read_weights_card", "card_value", "weights_card_path", "attach_checkpointing", "attach_gradient_clipping", "attach_lr_decay", "cosine_learning_rate", "init_from_weights", "adapt_input_channels", "read_weights", "load_weights", "CHECKPOINT_NAME"]

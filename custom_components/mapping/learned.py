@@ -72,7 +72,9 @@ class BundleMapper:
         parser = ConfigParser()
         parser.read_config(str(cfg))
         parser["bundle_root"] = str(self.bundle_dir)
-        parser["device"] = f"$torch.device('{device}')"
+        from ..bundle.training import parse_device
+
+        parser["device"] = parse_device(device)  # a torch.device object, never text in a "$" expression
         for k, v in (overrides or {}).items():
             parser[k] = v
         self.parser = parser
@@ -98,7 +100,7 @@ class BundleMapper:
         if card is not None:  # what the weights were trained with (written by training): protocol, variant, ...
             if card.get("method", self.method) != self.method:
                 raise InputError(f"{path} holds {card['method']} weights (per {path.with_suffix('.json').name}), not {self.method} ones")
-            for k, v in card.items():
+            for k, v in card.items():  # checked against the card schema: plain data, no "$"/"@"/"%" strings
                 if k != "method" and k not in (overrides or {}) and k in parser:
                     parser[k] = json.dumps(v) if k == "protocol" else v
         self.fit_condition = self.fit_residual = False
@@ -201,6 +203,8 @@ def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, met
     if samples is not None and int(samples) < 1:
         raise InputError(f"--samples must be at least 1, got {samples}")
     mapper = BundleMapper(bundle_dir, weights, overrides, device, method=method)
+    if mapper.inferer is not None and not progress:
+        mapper.inferer.progress = False  # --quiet: no sampler progress bars either (the config asks for them)
     mapper.check_protocol(series)
     data = series.data  # (X, Y, Z, N)
     info = {"bundle": str(mapper.bundle_dir), **mapper.info()}
