@@ -9,12 +9,18 @@
     qmri release BUNDLE --version X.Y.Z --note TEXT;  qmri pack BUNDLE [--out dist];  qmri unpack ZIP [--bundle_dir D]
 
 Every command prints one line ``qmri: error: ...`` and exits with status 2 on bad input, leaving
-no partial output.
+no partial output. Bad input is what the project itself names so: :class:`custom_components.io.InputError`
+(bad files, flags and output folders; the io layer turns the OSErrors of the user's own paths into
+it, and :class:`custom_components.bundle.packaging.BundleError` is one) and
+:class:`custom_components.physics.protocol.ProtocolError`. Any other exception is a bug (or a broken
+installation) and ends with its traceback and exit status 1, never dressed up as bad input.
+``--debug`` (anywhere on the line) or ``QMRI_DEBUG=1`` shows the traceback of bad input too.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -33,7 +39,9 @@ def _floats(x, what: str) -> list[float] | None:
     try:
         return [float(p) for p in parts]
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be numbers, got {x!r}") from None
+        from .io import InputError
+
+        raise InputError(f"{what} must be numbers, got {x!r}") from None
 
 
 def _one(x, what: str) -> float | None:
@@ -52,8 +60,71 @@ def _pair(x, what: str, cast=float):
     if len(v) == 1:
         v = v * 2
     if len(v) != 2:
-        raise ValueError(f"{what} needs one or two values, got {x!r}")
+        from .io import InputError
+
+        raise InputError(f"{what} needs one or two values, got {x!r}")
     return tuple(cast(t) for t in v)
+
+
+@contextlib.contextmanager
+def _user_value(what: str):
+    """Around a call that only reads or checks values the user gave (a protocol file, a choice of
+    noise model or plate, a synthesis setting): its ValueError/TypeError/OSError is bad input, named
+    after ``what``. Never around the computations themselves: their errors are bugs."""
+    from .io import InputError
+    from .physics.protocol import ProtocolError
+
+    try:
+        yield
+    except (InputError, ProtocolError):
+        raise
+    except (ValueError, TypeError, OSError) as e:
+        raise InputError(f"{what}: {' '.join(str(e).split()) or type(e).__name__}") from e
+
+
+def _int_flag(value, flag: str, minimum: int | None = None) -> int:
+    """An integer command-line value (fire gives ints, or strings for odd input), checked."""
+    from .io import InputError
+
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InputError(f"{flag} must be an integer, got {value!r}")
+    try:
+        v = int(value)
+    except ValueError:
+        raise InputError(f"{flag} must be an integer, got {value!r}") from None
+    if minimum is not None and v < minimum:
+        raise InputError(f"{flag} must be at least {minimum}, got {v}")
+    return v
+
+
+_LEARNED = ("diffusor", "resnet", "rim")
+
+
+def _check_map_flags(method, noise, n_coils, sigma, samples, steps, sampler, symmetry, seed, device):
+    """The flags of ``qmri map``, checked before anything is read: returns samples, steps and seed as
+    integers (or None)."""
+    import math
+
+    from .io import InputError
+
+    if noise not in ("rician", "ncchi", "gaussian"):
+        raise InputError(f"--noise must be rician, ncchi or gaussian, got {noise!r}")
+    _int_flag(n_coils, "--n_coils", 1)
+    if sigma is not None:
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
+            raise InputError(f"--sigma must be a positive number, got {sigma!r}")
+    given = [f for f, v in (("--samples", samples), ("--steps", steps), ("--sampler", sampler),
+                            ("--symmetry", symmetry), ("--seed", seed)) if v is not None]
+    if given and method != "diffusor":
+        raise InputError(f"{'/'.join(given)} apply to the diffusor only, not to {method}")
+    samples = None if samples is None else _int_flag(samples, "--samples", 1)
+    steps = None if steps is None else _int_flag(steps, "--steps", 1)
+    seed = None if seed is None else _int_flag(seed, "--seed", 0)
+    if method in _LEARNED:
+        from .bundle.training import parse_device
+
+        parse_device(device)
+    return samples, steps, seed
 
 
 class QMRI:
@@ -63,7 +134,7 @@ class QMRI:
             echo_spacing=None, etl=None,
             noise: str = "rician", n_coils: int = 1, sigma: float | None = None, overwrite: bool = False,
             samples: int | None = None, steps: int | None = None, sampler: str | None = None,
-            symmetry: str | None = None, device: str = "cpu", bundle: str | None = None, weights: str | None = None,
+            symmetry: str | None = None, seed: int | None = None, device: str = "cpu", bundle: str | None = None, weights: str | None = None,
             quiet: bool = False, bids: bool = False, subject: str | None = None, session: str | None = None):
         """Map T1 (s), PD and inversion efficiency B from an IR series; write NIfTI maps with JSON sidecars.
 
@@ -95,7 +166,9 @@ class QMRI:
             symmetry: diffusor: the orientations of the image grid the ensemble members are drawn in:
                 dihedral (default: the 8 flips and transposes, member j in orientation j mod 8, each
                 sample turned back), flips (4), or none (every member as the input is oriented).
-            device: cpu or cuda for the learned methods.
+            seed: diffusor: seed of the ensemble's initial noise (default: the bundle's, 0, so that
+                repeated runs give the same maps; another seed draws another ensemble).
+            device: cpu, cuda or cuda:N (or mps) for the learned methods.
             bundle: bundle folder of the learned method (default bundles/<method>).
             weights: weights file (default <bundle>/models/model.pt).
             bids: write OUT as a BIDS derivatives dataset (dataset_description.json, sub-<label>/anat/
@@ -106,16 +179,19 @@ class QMRI:
         from .io import load_nifti_map, load_series, save_maps
         from .mapping import map_series, output_arrays, sidecars_for
 
+        samples, steps, seed = _check_map_flags(method, noise, n_coils, sigma, samples, steps, sampler, symmetry,
+                                                seed, device)
+
         series = load_series(input, tis=_floats(tis, "--tis"), tr=(None if tr is None else (lambda v: v[0] if len(v) == 1 else v)(_floats(tr, "--tr"))),
                              echo_spacing=_one(echo_spacing, "--echo_spacing"), etl=_one(etl, "--etl"))
         if bids:  # labels first: a missing one fails before any mapping
             from . import __version__
-            from .io import bids_entities, check_bids_target, save_bids_derivatives
+            from .io import InputError, bids_entities, check_bids_target, save_bids_derivatives
 
             ent = bids_entities(series.files or [input])
             sub = subject if subject is not None else ent.get("sub")
             if sub is None:
-                raise ValueError("--bids needs --subject: the input's name has no sub-<label>")
+                raise InputError("--bids needs --subject: the input's name has no sub-<label>")
             ses = session if session is not None else (ent.get("ses") if subject is None else None)
             check_bids_target(out, None if sub is None else str(sub), None if ses is None else str(ses), method)
         m = None
@@ -124,7 +200,7 @@ class QMRI:
             if m.ndim == 2 and len(series.spatial_shape) == 3 and series.spatial_shape[2] == 1:
                 m = m[:, :, None]
         res = map_series(series, method=method, mask=m, noise=noise, n_coils=int(n_coils), sigma=sigma, progress=not quiet,
-                         samples=samples, steps=steps, sampler=sampler, symmetry=symmetry, device=device,
+                         samples=samples, steps=steps, seed=seed, sampler=sampler, symmetry=symmetry, device=device,
                          bundle_dir=bundle, weights=weights)
         if bids:
             written = save_bids_derivatives(out, output_arrays(res), series.affine, sidecars_for(res, series, method),
@@ -163,10 +239,16 @@ class QMRI:
         out_dir = Path(out)
         if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
             raise InputError(f"{out_dir} exists and is not empty; pass --overwrite")
-        prot = get_protocol(protocol)
+        from .data.phantoms import reference_values
+
+        with _user_value("--protocol"):
+            prot = get_protocol(protocol)
         if isinstance(snr, str) and snr.lower() == "none":
             snr = None
-        eff = Effects(noise=noise, n_coils=int(n_coils), echo_train=bool(echo_train), gibbs_factor=int(gibbs))
+        with _user_value("--noise/--n_coils/--gibbs"):
+            eff = Effects(noise=noise, n_coils=int(n_coils), echo_train=bool(echo_train), gibbs_factor=int(gibbs))
+        with _user_value("--plate/--version"):
+            reference_values(plate, prot.field_strength_t, version)
         tw = nist_twin(prot, snr=snr, effects=eff, seed=int(seed), matrix=(int(matrix), int(matrix)), fov_mm=float(fov_mm),
                        plate=plate, version=version, rotation_deg=float(rotation_deg), b=b)
         px = float(fov_mm) / int(matrix)
@@ -194,13 +276,13 @@ class QMRI:
         """
         from .data.synthesis import Effects, SynthesisConfig, write_dataset
 
-        n = int(n)
-        if n < 1:
-            raise ValueError("--n must be >= 1")
-        eff = Effects(snr_range=_pair(snr, "--snr"), noise=noise, n_coils=int(n_coils), echo_train=bool(echo_train),
-                      gibbs_factor=int(gibbs))
-        cfg = SynthesisConfig(protocol=protocol, n_slices=max(1, (n + 3) // 4), realisations=4,
-                              matrix=(int(matrix), int(matrix)), wide_t1=bool(wide_t1), effects=eff, seed=int(seed))
+        n = _int_flag(n, "--n", 1)
+        with _user_value("--snr/--noise/--n_coils/--gibbs"):
+            eff = Effects(snr_range=_pair(snr, "--snr"), noise=noise, n_coils=int(n_coils), echo_train=bool(echo_train),
+                          gibbs_factor=int(gibbs))
+        with _user_value("--protocol/--matrix/--seed"):
+            cfg = SynthesisConfig(protocol=protocol, n_slices=max(1, (n + 3) // 4), realisations=4,
+                                  matrix=(int(matrix), int(matrix)), wide_t1=bool(wide_t1), effects=eff, seed=int(seed))
         write_dataset(out, cfg, n_items=n, overwrite=overwrite)
         print(f"wrote {n} synthetic items -> {out}")
 
@@ -220,7 +302,8 @@ class QMRI:
         if t1.ndim != 2:
             raise InputError(f"{t1map}: a single-slice T1 map is needed, got shape {t1.shape}")
         spacing = np.sqrt((np.asarray(affine)[:3, :2] ** 2).sum(axis=0))
-        ref = reference_values(plate, float(field), version)
+        with _user_value("--plate/--field/--version"):
+            ref = reference_values(plate, float(field), version)
         layout = locate_spheres(t1, spacing, plate=plate, t1_map=t1, reference_t1_s=ref["T1_s"])
         rows = sphere_table(t1, layout, ref["T1_s"])
         text = format_table_markdown(rows, title or f"{Path(t1map).name}: NIST {plate} plate, {field} T reference")
@@ -251,13 +334,16 @@ class QMRI:
 
         from .reporting.comparison import run_comparison, update_real_scan_section
 
+        from .io import InputError
+
         for name, v in (("--brain_slices", brain_slices), ("--samples", samples), ("--steps", steps), ("--ddpm_crop", ddpm_crop)):
-            if int(v) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v}")
-        if float(low_snr) <= 0:
-            raise ValueError(f"--low_snr must be positive, got {low_snr}")
+            _int_flag(v, name, 1)
+        low_snr = _floats(low_snr, "--low_snr")
+        if low_snr is None or len(low_snr) != 1 or not low_snr[0] > 0:
+            raise InputError(f"--low_snr must be one positive number, got {low_snr}")
+        low_snr = low_snr[0]
         if only is not None and only != "real_scans":
-            raise ValueError(f"--only takes real_scans, got {only!r}")
+            raise InputError(f"--only takes real_scans, got {only!r}")
         torch.set_num_threads(int(threads))
         if only == "real_scans":
             print(f"-> {update_real_scan_section(out, data_dir=data, steps=int(steps), samples=int(samples))}")
@@ -295,7 +381,8 @@ class QMRI:
         from .physics.protocol import get_protocol
         from .physics.signal_model import crlb_t1_table
 
-        p = get_protocol(protocol)
+        with _user_value("--protocol"):
+            p = get_protocol(protocol)
         t1s, snrs = _floats(t1, "--t1"), _floats(snr, "--snr")
         tab = crlb_t1_table(t1s, snrs, p, b=b)
         lines = [f"T1 CRLB, protocol {p.name}, B = {b}", "| T1 (ms) | " + " | ".join(f"SNR {s:g}" for s in snrs) + " |",
@@ -335,10 +422,14 @@ def main(argv: list[str] | None = None) -> int:
     from .io import InputError
     from .physics.protocol import ProtocolError
 
-    argv = _quote_labels(sys.argv[1:] if argv is None else list(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("QMRI_DEBUG", "").strip() not in ("", "0")
+    argv = _quote_labels([a for a in argv if a != "--debug"])
     try:
         fire.Fire(QMRI(), command=argv, name="qmri")
-    except (InputError, ProtocolError, ValueError, OSError, json.JSONDecodeError) as e:
+    except (InputError, ProtocolError) as e:  # the user's errors only (BundleError is an InputError); the rest is a bug
+        if debug:
+            raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"qmri: error: {msg}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import hashlib
 import io as _io
 import json
 import pickle
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -292,6 +293,25 @@ def diffusor_no_samples(d):
     return _map(_nifti(d), "--method", "diffusor", "--samples", "0")
 
 
+def weights_card_with_code(d):
+    """The shipped RIM weights with a card whose network_preset is a MONAI "$" expression that would
+    create PWNED beside them when the config is parsed (issue 19, item 1)."""
+    import shutil
+
+    path = _nifti(d)
+    shutil.copyfile(REPO / "bundles" / "rim" / "models" / "model.pt", d / "w.pt")
+    card = json.loads((REPO / "bundles" / "rim" / "models" / "model.json").read_text())
+    card["network_preset"] = f"$__import__('pathlib').Path({str(d / 'PWNED')!r}).write_text('owned') and 'compact'"
+    (d / "w.json").write_text(json.dumps(card))
+    return _map(path, "--method", "rim", "--weights", str(d / "w.pt"))
+
+
+def device_with_code(d):
+    """A --device value that was pasted into the config expression "$torch.device('...')"."""
+    evil = f"cpu') if __import__('pathlib').Path({str(d / 'PWNED')!r}).write_text('owned') else ('cpu"
+    return _map(_nifti(d), "--method", "rim", "--device", evil)
+
+
 def _card(path: Path, method: str):
     card = json.loads((REPO / "bundles" / method / "models" / "model.json").read_text())
     path.write_text(json.dumps(card))
@@ -303,6 +323,18 @@ class Case:
     what: str
     build: Callable[[Path], list[str]]
     expect: str
+    #: a context manager active while `qmri` runs (an :data:`INTERNAL_CASES` entry plants a bug with it)
+    patch: Callable[[], contextlib.AbstractContextManager] | None = None
+
+    def as_expected(self, o: "Outcome") -> bool:
+        """Bad input: one line, exit 2. An internal error (``patch``): its traceback and exit 1, not
+        dressed up as bad input. Either way nothing is left behind, the inputs are untouched, no file's code runs."""
+        if self.patch is None:
+            shown = o.code == 2 and o.stderr.startswith("qmri: error: ") and "\n" not in o.stderr
+        else:
+            shown = o.code == 1 and "Traceback (most recent call last)" in o.stderr and "qmri: error" not in o.stderr
+        return shown and self.expect in o.stderr and not o.new_files and o.inputs_unchanged and not o.code_ran
+
 
 
 CASES = [
@@ -347,12 +379,41 @@ CASES = [
     Case("weights_of_another_network", "weights whose tensors belong to another network", weights_of_another_network,
          "weights"),
     Case("weights_file_missing", "--weights pointing nowhere", weights_file_missing, "nowhere.pt"),
+    Case("weights_card_with_code", "weights card whose network_preset is a MONAI \"$\" expression that would "
+         "create a file", weights_card_with_code, "is an expression or reference, not a plain value"),
+    Case("device_with_code", "--device holding Python code (it was pasted into a config expression)",
+         device_with_code, "--device must be cpu, mps, cuda or cuda:N"),
     Case("diffusor_symmetry_unknown", "--symmetry rotations (the Diffusor knows none, flips, dihedral)",
          diffusor_symmetry_unknown, "--symmetry must be one of"),
     Case("diffusor_sampler_unknown", "--sampler euler (the Diffusor knows dpm++2m, ddim, ddpm)", diffusor_sampler_unknown,
          "--sampler must be one of"),
     Case("diffusor_no_samples", "--samples 0 (an ensemble needs at least one member)", diffusor_no_samples,
          "--samples must be at least 1"),
+]
+
+
+@contextlib.contextmanager
+def _fit_with_a_bug():
+    """Plants a bug in the code: the classical fit fails with numpy's broadcasting ValueError, as a
+    shape slip inside it would (the command line before issue 19 printed it as bad input, exit 2)."""
+    from custom_components.methods import fitting
+
+    def broken(self, *args, **kwargs):
+        raise ValueError("operands could not be broadcast together with shapes (7,64) (6,64)")
+
+    original = fitting.InversionRecoveryModel.fit
+    fitting.InversionRecoveryModel.fit = broken
+    try:
+        yield
+    finally:
+        fitting.InversionRecoveryModel.fit = original
+
+
+#: Errors of the code itself, which `qmri` must NOT report as bad input: it shows their traceback
+#: and exits with status 1 (what Python gives an uncaught exception).
+INTERNAL_CASES = [
+    Case("internal_error", "a valid series, with a bug planted in the code (the fit raises numpy's broadcasting "
+         "ValueError)", lambda d: _map(_nifti(d)), "ValueError: operands could not be broadcast", _fit_with_a_bug),
 ]
 
 
@@ -379,8 +440,13 @@ def run_case(case: Case, folder: Path) -> Outcome:
     before = _tree_digest(folder, OUT)
     existed = (folder / OUT).exists() and set(p.name for p in (folder / OUT).iterdir())
     err = _io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(_io.StringIO()):
-        code = main(argv)
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(_io.StringIO()), \
+            (case.patch() if case.patch is not None else contextlib.nullcontext()):
+        try:
+            code = main(argv)
+        except Exception:  # noqa: BLE001 - as the interpreter would: the traceback on stderr, status 1
+            traceback.print_exc()
+            code = 1
     after = _tree_digest(folder, OUT)
     out_now = set(p.name for p in (folder / OUT).iterdir()) if (folder / OUT).exists() else set()
     new = sorted(set(after) - set(before)) + sorted(out_now - (existed or set()))
@@ -389,4 +455,4 @@ def run_case(case: Case, folder: Path) -> Outcome:
     return Outcome(code, err.getvalue().strip(), new, not changed, (folder / "PWNED").exists())
 
 
-__all__ = ["CASES", "Case", "Outcome", "run_case", "OUT"]
+__all__ = ["CASES", "INTERNAL_CASES", "Case", "Outcome", "run_case", "OUT"]
