@@ -54,6 +54,7 @@ from scipy import ndimage, optimize, signal as sps, stats
 
 from ..data import phantoms
 from ..data.phantoms import N_SPHERES, SPHERE_IDS, plate_geometry, sphere_centres_mm
+from ..io import InputError
 
 RING_SCALE_RANGE = (0.9, 1.1)  # outer ring 45-55 mm for the nominal 50 mm
 CENTRE_SEARCH_MM = 20.0
@@ -189,7 +190,7 @@ def body_mask(image, pixel_spacing_mm=None, min_diameter_mm: float | None = None
     m = ndimage.binary_opening(above, iterations=1)
     lab, n = ndimage.label(m)
     if n == 0:
-        raise ValueError("no phantom body found in the image")
+        raise InputError("no phantom body found in the image: is it a map or image of the NIST/ISMRM phantom?")
     sizes = ndimage.sum(m, lab, index=np.arange(1, n + 1))
     m = ndimage.binary_fill_holes(ndimage.binary_closing(lab == (1 + int(np.argmax(sizes))), iterations=2))
     if min_diameter_mm is not None and pixel_spacing_mm is not None:
@@ -363,6 +364,9 @@ def locate_spheres(image, pixel_spacing_mm, plate: str = "T1", t1_map=None, refe
 
     min_body_mm = 2.0 * (RING_SCALE_RANGE[1] * geom.outer_ring_radius_mm + geom.sphere_radius_mm
                          + 2.0 * geom.wall_thickness_mm)
+    finite = stack[np.isfinite(stack)]
+    if finite.size == 0 or np.ptp(finite) == 0:
+        raise InputError("no phantom body found: the image is constant (is it a map or image of the NIST/ISMRM phantom?)")
     body = body_mask(stack, spacing, min_diameter_mm=min_body_mm)
     start = np.asarray(ndimage.center_of_mass(body))
     inner_body = ndimage.binary_erosion(body, iterations=max(1, int(round(4.0 / min(spacing)))))
