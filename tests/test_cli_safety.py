@@ -185,3 +185,12 @@ def test_diffusor_quiet_is_silent_and_seed_draws_the_ensemble(tmp_path, capfd):
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
     assert json.loads((tmp_path / "c" / "T1map.json").read_text())["Fit"]["seed"] == 2
+
+
+def test_report_of_an_image_without_a_phantom_is_bad_input(tmp_path, capsys):
+    """An empty map has no phantom body: one line and exit 2, not a traceback (the error is the user's)."""
+    path = tmp_path / "blank_T1map.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 1), np.float32), np.eye(4)), str(path))
+    assert main(["report", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qmri: error:") and "no phantom body" in err[0]
