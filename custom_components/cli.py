@@ -259,8 +259,8 @@ class QMRI:
                                  "GibbsFactor": int(gibbs), "Seed": int(seed), "RotationDeg": float(rotation_deg),
                                  "ReferenceT1_s": [float(x) for x in ref["T1_s"]],
                                  "ReferenceT2_s": [float(x) for x in ref["T2_s"]]}}
-        truth = {"truth_T1map": tw["label"][0][:, :, None], "truth_PDmap": tw["label"][1][:, :, None],
-                 "truth_InvEffmap": tw["label"][2][:, :, None], "spheres": tw["spheres"][:, :, None].astype(np.float32)}
+        truth = {"truth_T1map": tw["truth"][0][:, :, None], "truth_PDmap": tw["truth"][1][:, :, None],  # output convention
+                 "truth_InvEffmap": tw["truth"][2][:, :, None], "spheres": tw["spheres"][:, :, None].astype(np.float32)}
         units = {"truth_T1map": "s", "truth_PDmap": "a.u. (water = 1)", "truth_InvEffmap": "1", "spheres": "label 0..14"}
         save_maps(out_dir, truth, affine, {k: {"Units": u, **extra} for k, u in units.items()}, overwrite=overwrite)
         save_series(out_dir / "series.nii.gz", tw["image"].transpose(1, 2, 0)[:, :, None, :], affine, prot, extra)

@@ -166,3 +166,19 @@ def test_classical_fit_unbiased_on_the_twin_at_snr50():
         if 0.1 <= t1 <= 2.0:
             mean = np.mean(np.concatenate(ests[k]))
             assert mean == pytest.approx(t1, rel=0.01), f"sphere {k}: {mean * 1000:.1f} ms vs {t1 * 1000:.1f} ms"
+
+
+def test_truth_is_what_the_finite_tr_model_reproduces():
+    """The output convention (``truth``, :func:`maps_from_labels` of a label) is the physical, TR-corrected
+    (PD, B): without noise and blurring the images equal the full finite-TR model on it, and B is the
+    field's own value (not the apparent one)."""
+    from custom_components.data.synthesis import maps_from_labels
+
+    p = nist_15t_protocol()  # TR 1 s: apparent and physical (PD, B) differ most
+    t1 = torch.full((8, 8), 2.0, dtype=torch.float64)
+    out = render(t1, torch.full_like(t1, 0.1), torch.ones_like(t1), torch.full_like(t1, 1.9), p,
+                 Effects(noise="none", echo_train=False))
+    np.testing.assert_allclose(out["truth"][2].numpy(), 1.9)
+    assert float(out["label"][2].max()) < 1.5  # the training label is apparent
+    np.testing.assert_allclose(out["image"].numpy(), signal(out["truth"], p, dim=0).numpy(), rtol=1e-10)
+    np.testing.assert_allclose(maps_from_labels(out["label"], p).numpy(), out["truth"].numpy(), rtol=1e-12)

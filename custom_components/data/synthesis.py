@@ -12,10 +12,18 @@ The chain for one item (every effect switchable, every draw seeded):
 5. noise: complex Gaussian then magnitude (Rician) or root-sum-of-squares over coils (noncentral chi),
    at SNR = 1 / sigma (PD of water = 1).
 
-Labels are the parameters the IR model can identify: (T1, PD_app, B) with PD_app = PD exp(-TE_eff/T2),
-and, when TR is finite and the same for all images, the apparent (PD, B) of the full-recovery model
-(:func:`custom_components.physics.signal_model.apparent_parameters`) -- exactly what a perfect classical fit
-of noiseless, unblurred images returns. With a TR that varies per image, labels keep the true B.
+Two conventions, one per use (docs/physics.md, "Parameter convention"):
+
+- ``truth`` (what every method's output maps are scored against, and what ``qmri map`` writes):
+  (T1, PD_app, B) with PD_app = PD exp(-TE_eff/T2) (the T2 weighting at the echo time cannot be
+  separated from PD with one TE) and B the inversion efficiency of the full finite-TR model
+  s_n = PD (1 - B e^{-TI_n/T1} + (B - 1) e^{-Trec_n/T1}): exactly what a perfect classical fit of
+  noiseless, unblurred images returns, for any protocol.
+- ``label`` (the networks' training target, kept so that the shipped weights stay valid): when TR is
+  finite and the same for all images, the apparent (PD, B) of the full-recovery model
+  (:func:`custom_components.physics.signal_model.apparent_parameters`); with a TR that varies per
+  image (apparent parameters do not exist there) or full recovery, the same as ``truth``.
+  :func:`maps_from_labels` turns a label (or a network's estimate of one) into the output convention.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import torch
 from ..physics.image_formation import (acquire, add_ncchi_noise, downsample_area, effective_echo_time_s,
                               smooth_inversion_efficiency)
 from ..physics.protocol import Protocol, get_protocol
-from ..physics.signal_model import apparent_parameters, signed_signal
+from ..physics.signal_model import apparent_parameters, physical_parameters, signed_signal
 
 NOISE_MODELS = ("rician", "ncchi", "gaussian", "none")
 
@@ -75,12 +83,29 @@ def draw_snr(effects: Effects, rng: np.random.Generator) -> float:
     return float(math.exp(rng.uniform(math.log(lo), math.log(hi)))) if hi > lo else float(lo)
 
 
+def labels_are_apparent(protocol: Protocol) -> bool:
+    """True where the training labels are apparent parameters: a finite TR, the same for all images."""
+    return protocol.recovery_times_s() is not None and protocol.has_constant_tr
+
+
 def labels_from_maps(t1_s: torch.Tensor, pd_app: torch.Tensor, b: torch.Tensor, protocol: Protocol) -> torch.Tensor:
-    """(3, H, W) labels (T1 s, PD, B) that the full-recovery IR model reproduces (see module doc)."""
+    """(3, H, W) training labels (T1 s, PD, B) from the physical maps (see module doc): apparent
+    (PD, B) of the full-recovery model for a constant finite TR, the physical ones otherwise."""
     params = torch.stack([t1_s, pd_app, b])
-    if protocol.recovery_times_s() is not None and protocol.has_constant_tr:
+    if labels_are_apparent(protocol):
         params = apparent_parameters(params, protocol, dim=0)
     return params
+
+
+def maps_from_labels(label, protocol: Protocol, dim: int = 0) -> torch.Tensor:
+    """Training labels (or a network's estimate of them) (T1 s, PD, B) along ``dim`` -> the output
+    convention of every method (physical, TR-corrected PD and B): the inverse of
+    :func:`labels_from_maps` (:func:`custom_components.physics.signal_model.physical_parameters`
+    for a constant finite TR, unchanged otherwise). Numpy in, numpy out; torch in, torch out."""
+    as_numpy = not isinstance(label, torch.Tensor)
+    t = torch.as_tensor(np.asarray(label)) if as_numpy else label
+    out = physical_parameters(t, protocol, dim=dim) if labels_are_apparent(protocol) else t.clone()
+    return out.numpy() if as_numpy else out
 
 
 def render(t1_s, t2_s, pd, b, protocol: Protocol, effects: Effects, generator: torch.Generator | None = None,
@@ -91,7 +116,9 @@ def render(t1_s, t2_s, pd, b, protocol: Protocol, effects: Effects, generator: t
         t1_s, t2_s, pd, b: (H, W) maps (float64 tensors or arrays); PD = 0 marks empty space.
         sigma: noise std per channel (SNR = 1 / sigma); None: no noise.
 
-    Returns dict(image (N, h, w) magnitude float64, label (3, h, w), mask (h, w) bool, t2 (h, w)).
+    Returns dict(image (N, h, w) magnitude float64, label (3, h, w) (the training target), truth
+    (3, h, w) (the same maps in the output convention of every method: physical PD and B; see the
+    module doc), mask (h, w) bool, t2 (h, w)).
     """
     t1, t2, pd, b = (torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x, dtype=torch.float64)
                      for x in (t1_s, t2_s, pd, b))
@@ -122,10 +149,12 @@ def render(t1_s, t2_s, pd, b, protocol: Protocol, effects: Effects, generator: t
     b_o = downsample_area(torch.where(empty, torch.zeros_like(b), b * pd_app), f) / pd_o.clamp_min(1e-12)
     t1_o = torch.where(mask, 1.0 / r1.clamp_min(1e-9), torch.zeros_like(r1))
     b_o = torch.where(mask, b_o, torch.zeros_like(b_o))
-    label = labels_from_maps(torch.where(mask, t1_o, torch.ones_like(t1_o)), pd_o, torch.where(mask, b_o, torch.full_like(b_o, 2.0)), protocol)
+    t1_l, b_l = torch.where(mask, t1_o, torch.ones_like(t1_o)), torch.where(mask, b_o, torch.full_like(b_o, 2.0))
+    label = labels_from_maps(t1_l, pd_o, b_l, protocol)
     label = torch.where(mask.unsqueeze(0), label, torch.zeros_like(label))
+    truth = torch.where(mask.unsqueeze(0), torch.stack([t1_l, pd_o, b_l]), torch.zeros_like(label))
     t2_o = torch.where(mask, 1.0 / r2.clamp_min(1e-9), torch.zeros_like(r2))
-    return {"image": mag, "label": label, "mask": mask, "t2": t2_o}
+    return {"image": mag, "label": label, "truth": truth, "mask": mask, "t2": t2_o}
 
 
 # ------------------------------------------------------------------------------------------- scenes
@@ -217,7 +246,8 @@ class SyntheticIRDataset(torch.utils.data.Dataset):
     """Pairs of IR images and maps generated on the fly (no disk): a map-style torch Dataset.
 
     Item i is realisation i % R of slice i // R. Returns a dict of float32 tensors:
-    "image" (N_TI, H, W) magnitude images (PD of water = 1), "label" (3, H, W) = T1 [s], PD, B,
+    "image" (N_TI, H, W) magnitude images (PD of water = 1), "label" (3, H, W) = T1 [s], PD, B (the
+    training target; :func:`maps_from_labels` gives the output convention, see the module doc),
     "mask" (1, H, W) (1 where the labels are meaningful: tissue with PD >= 0.1, i.e. not background
     or bone), and "snr" (scalar). With ``with_tissue`` also "tissue" (H, W) int64: the tissue class
     (:class:`custom_components.data.anatomy.Tissue`) at the centre of each output pixel (for per-tissue
@@ -298,7 +328,8 @@ def nist_twin(protocol: Protocol | str = "paper", snr: float | None = 50.0, effe
     echo-train blurring where ETL > 1, no Gibbs). ``b``: a constant inversion efficiency, or None for
     a smooth field in ``effects.b_range``. ``snr`` overrides ``effects.snr_range`` (None: noiseless).
 
-    Returns dict(image (N, H, W) float64 numpy, label (3, H, W), mask, spheres (H, W) int sphere
+    Returns dict(image (N, H, W) float64 numpy, label (3, H, W) (the training target), truth
+    (3, H, W) (the output convention: what a method's maps are scored against), mask, spheres (H, W) int sphere
     labels 0..14, reference (dict with T1_s, T2_s), protocol, snr, maps (the object-grid maps)).
     """
     from .phantoms import nist_phantom_maps
@@ -319,7 +350,8 @@ def nist_twin(protocol: Protocol | str = "paper", snr: float | None = 50.0, effe
             else smooth_inversion_efficiency(shape, gen, effects.b_range))
     sigma = None if snr is None else 1.0 / draw_snr(effects, rng)
     out = render(maps["T1"], maps["T2"], maps["PD"], bmap, protocol, effects, gen, sigma=sigma)
-    return {"image": out["image"].numpy(), "label": out["label"].numpy(), "mask": out["mask"].numpy(),
+    return {"image": out["image"].numpy(), "label": out["label"].numpy(), "truth": out["truth"].numpy(),
+            "mask": out["mask"].numpy(),
             "spheres": np.asarray(spheres), "reference": maps["reference"], "protocol": protocol,
             "snr": None if sigma is None else 1.0 / sigma, "maps": maps,
             "pixel_spacing_mm": (fov_mm / matrix[0], fov_mm / matrix[1])}
@@ -379,5 +411,6 @@ def write_dataset(out_dir: str | Path, config: SynthesisConfig, n_items: int | N
     return out_dir
 
 
-__all__ = ["Effects", "SynthesisConfig", "SyntheticIRDataset", "render", "nist_twin", "labels_from_maps", "brain_scene",
+__all__ = ["Effects", "SynthesisConfig", "SyntheticIRDataset", "render", "nist_twin", "labels_from_maps", "maps_from_labels", "labels_are_apparent",
+           "brain_scene",
            "write_dataset", "draw_snr", "NOISE_MODELS"]

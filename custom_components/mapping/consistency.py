@@ -1,9 +1,13 @@
 """Physics consistency of maps with the images they came from: a check that needs no ground truth.
 
 Any mapping method (the classical fit, a learned network) returns maps (T1 [s], PD [data units],
-B [1]). Re-synthesising the images from the maps with the signal model
-(:mod:`custom_components.physics.signal_model`; S_n = |PD (1 - B exp(-TI_n/T1))|, or its finite-TR form)
-and comparing them with the measured magnitudes y_n tells whether the maps *explain* the data:
+B [1]) in one convention: the parameters of the full finite-TR model of
+:mod:`custom_components.physics.signal_model`,
+S_n = |PD (1 - B exp(-TI_n/T1) + (B - 1) exp(-Trec_n/T1))| (the last term vanishes with full
+recovery), i.e. TR-corrected PD and B (docs/physics.md, "Parameter convention"; the learned
+methods' apparent estimates are converted when decoded). Re-synthesising the images from the maps
+with that model and comparing them with the measured magnitudes y_n tells whether the maps
+*explain* the data:
 
 - :func:`residual_rms`: r = sqrt(mean_n (y_n - E|S_n|)^2), in the units of the data. With the true
   maps and noise of std sigma per image, E[r^2] = sigma^2 (Gaussian noise on the magnitude).
@@ -50,7 +54,8 @@ def _maps(t1_s, pd, b) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def resynthesize(t1_s, pd, b, protocol: Protocol) -> np.ndarray:
     """Noiseless magnitude images |S_n| (..., N) from maps T1 (s), PD (data units) and B (1).
 
-    Uses the protocol's signal model (full recovery or finite TR). Voxels with a non-finite map
+    Uses the protocol's full signal model (full recovery or finite TR), in which every method's
+    maps are defined (TR-corrected PD and B; see the module doc). Voxels with a non-finite map
     value (NaN or inf in T1, PD or B) get NaN images.
     """
     t1, pd, b = _maps(t1_s, pd, b)

@@ -26,17 +26,27 @@ REPO_BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 LEARNED_METHODS = ("diffusor", "resnet", "rim")
 
 
-def decode_prediction(pred: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Network-space output -> physical (T1 s, PD, B) maps: an ensemble (B, S, 3, H, W) (the
-    Diffusor) gives its mean and voxel-wise std, a single estimate (B, 3, H, W) (ResNet, RIM) gives
-    the maps and None."""
+def decode_prediction(pred: torch.Tensor, scale: torch.Tensor, protocol) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Network-space output -> (T1 s, PD, B) maps in the output convention (physical, TR-corrected
+    PD and B of the full model; docs/physics.md): an ensemble (B, S, 3, H, W) (the Diffusor) gives
+    its mean and voxel-wise std, a single estimate (B, 3, H, W) (ResNet, RIM) gives the maps and None.
+
+    The networks were trained on the synthetic labels, which are apparent (PD, B) for a constant
+    finite TR (:mod:`custom_components.data.synthesis`); ``protocol`` (the mapped series' own) turns
+    each estimate, every ensemble member before the statistics, into the output convention with
+    :func:`custom_components.data.synthesis.maps_from_labels` (the exact inverse)."""
+    from ..data.synthesis import labels_are_apparent, maps_from_labels
     from ..methods.inferers import ensemble_statistics
-    from ..methods.scaling import decode_maps
+    from ..methods.scaling import decode_maps, encode_maps
 
     pred = pred.float().cpu()
     if pred.ndim == 5:
+        if labels_are_apparent(protocol):  # members -> output convention, back in network space for the statistics
+            s = torch.as_tensor(scale, dtype=pred.dtype)
+            s = s[:, None] if s.ndim == 1 else s
+            pred = encode_maps(maps_from_labels(decode_maps(pred, s), protocol, dim=-3), s)
         return ensemble_statistics(pred, scale)
-    return decode_maps(pred, scale), None
+    return maps_from_labels(decode_maps(pred, scale), protocol, dim=-3), None
 
 
 def background_sigma(data: np.ndarray) -> float | None:
@@ -141,10 +151,11 @@ class BundleMapper:
             raise InputError(str(e)) from None
 
     @torch.no_grad()
-    def map_slice(self, images: np.ndarray, sigma: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def map_slice(self, images: np.ndarray, sigma: float | None = None, protocol=None) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, H, W) magnitude images -> (T1 s, PD, B) maps (3, H, W) and, for the Diffusor, their
         ensemble std (3, H, W) (None for the deterministic methods). ``sigma``: the noise std of
-        the images (RIM's Rician likelihood; None: unknown)."""
+        the images (RIM's Rician likelihood; None: unknown). ``protocol``: the series' protocol, whose
+        TR defines the output convention (:func:`decode_prediction`; None: the bundle's)."""
         from ..methods.scaling import signal_scale
 
         img = torch.as_tensor(np.asarray(images, dtype=np.float32))[None]  # one slice: (1, N, H, W)
@@ -157,7 +168,9 @@ class BundleMapper:
             pred = self.network(cond, sigma=sig.to(self.device))
         else:
             pred = self.network(cond)
-        mean, std = decode_prediction(pred, s)
+        if protocol is None:
+            protocol = self.network.protocol if self.method == "rim" else self.protocol
+        mean, std = decode_prediction(pred, s, protocol)
         return mean[0].numpy(), (None if std is None else std[0].numpy())
 
     def info(self) -> dict:
@@ -224,7 +237,7 @@ def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, met
         from tqdm.auto import tqdm
         zs = tqdm(zs, desc=method, unit="slice")
     for z in zs:
-        mean, std = mapper.map_slice(np.moveaxis(data[:, :, z, :], -1, 0), sigma)
+        mean, std = mapper.map_slice(np.moveaxis(data[:, :, z, :], -1, 0), sigma, series.protocol)
         for i, k in enumerate(("T1", "PD", "B")):
             out[k][:, :, z] = np.where(mask[:, :, z], mean[i], 0)
             if std is not None:
@@ -308,7 +321,8 @@ class SaveMapsHandler:
         from ..physics.protocol import get_protocol
 
         batch = engine.state.batch
-        mean, std = decode_prediction(engine.state.output["pred"], batch["scale"][0].float().cpu())  # (Z, 3, H, W)
+        mean, std = decode_prediction(engine.state.output["pred"], batch["scale"][0].float().cpu(),
+                                      get_protocol(batch["protocol_json"][0]))  # (Z, 3, H, W), output convention
         mask = batch["mask"][0].cpu().numpy().astype(bool)  # (Z, H, W)
         maps = {}
         for i, k in enumerate(("T1", "PD", "B")):

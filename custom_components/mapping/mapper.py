@@ -90,6 +90,11 @@ def add_consistency_maps(result: MappingResult, series: IRSeries, sigma: float |
                          alpha: float = FLAG_ALPHA) -> MappingResult:
     """Add the physics-consistency maps (no ground truth needed) to ``result`` in place and return it.
 
+    The maps are re-synthesised with the full model of the series' protocol (finite TR included):
+    every method's maps are in that model's convention, TR-corrected PD and B (the classical fit
+    estimates them directly; the learned methods' apparent estimates are converted in
+    :func:`custom_components.mapping.learned.decode_prediction`), so one model serves every method.
+
     - "residual" (data units): RMS over the inversion times of data - |S(maps)|
       (:func:`custom_components.mapping.consistency.residual_rms`), only where the method did not return
       one (the classical fit returns its own, which is kept); 0 outside the mask.

@@ -18,9 +18,13 @@ from ..io import IRSeries, protocol_sidecar
 # map key -> (file stem, units, description)
 OUTPUT_MAPS = {
     "T1": ("T1map", "s", "longitudinal relaxation time T1"),
-    "PD": ("PDmap", "a.u. (scanner intensity units)", "proton density (apparent: includes T2 weighting at TE)"),
-    "B": ("InvEffmap", "1", "inversion efficiency B of S = |PD (1 - B exp(-TI/T1))| (2 = ideal inversion)"),
-    "residual": ("Residualmap", "a.u. (scanner intensity units)", "RMS over inversion times of |model| - data"),
+    "PD": ("PDmap", "a.u. (scanner intensity units)",
+           "proton density PD of S_n = |PD (1 - B exp(-TI_n/T1) + (B - 1) exp(-Trec_n/T1))|, Trec_n = TR_n - readout "
+           "(full recovery: no last term); corrected for TR, includes the T2 weighting at TE"),
+    "B": ("InvEffmap", "1", "inversion efficiency B of the same model (Mz -> (1 - B) Mz at the inversion; 2 = ideal "
+                            "inversion); corrected for TR: a property of the inversion pulse, not of the protocol"),
+    "residual": ("Residualmap", "a.u. (scanner intensity units)",
+                 "RMS over inversion times of |model| - data, the model above with the maps' own T1, PD and B"),
     "flag": ("ResidualFlag", "1", "1 where the maps do not explain the images: sum over TIs of ((data - E|S|)/sigma)^2 "
                                   "above the chi-square(N) quantile at 1 - alpha"),
 }

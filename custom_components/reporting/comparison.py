@@ -98,13 +98,14 @@ def twin_case(snr: float, seed: int = 0, protocol="paper", echo_train: bool = Tr
     from ..data.synthesis import Effects, nist_twin
 
     tw = nist_twin(protocol, snr=snr, effects=Effects(noise="rician", echo_train=echo_train), seed=seed)
-    return Case(f"NIST twin, SNR {snr:g}" + ("" if echo_train else ", no echo-train blurring"), tw["image"], tw["protocol"], tw["mask"].astype(bool), tw["label"],
-                1.0 / snr, {"reference": tw["reference"]["T1_s"], "spheres_truth": tw["label"][0]}, tw["pixel_spacing_mm"])
+    # truth in the output convention of every method's maps (physical PD and B), not the training labels
+    return Case(f"NIST twin, SNR {snr:g}" + ("" if echo_train else ", no echo-train blurring"), tw["image"], tw["protocol"], tw["mask"].astype(bool), tw["truth"],
+                1.0 / snr, {"reference": tw["reference"]["T1_s"], "spheres_truth": tw["truth"][0]}, tw["pixel_spacing_mm"])
 
 
 def brain_cases(n: int, seed: int = TEST_SEED, snr: float = 50.0, protocol="paper", matrix: int = 240) -> list[Case]:
     """Held-out synthetic brain slices (seed never used in training), SNR fixed, echo-train blurring."""
-    from ..data.synthesis import Effects, SyntheticIRDataset
+    from ..data.synthesis import Effects, SyntheticIRDataset, maps_from_labels
 
     ds = SyntheticIRDataset(protocol=protocol, n_slices=max(n, 1) * 7, realisations=1, matrix=(matrix, matrix),
                             seed=seed, with_tissue=True,
@@ -113,7 +114,8 @@ def brain_cases(n: int, seed: int = TEST_SEED, snr: float = 50.0, protocol="pape
     for i in range(n):
         it = ds[7 * i + 3]  # spread over the slice positions
         out.append(Case(f"brain slice {i + 1} (seed {seed}, SNR {snr:g})", it["image"].numpy(), ds.protocol,
-                        it["mask"][0].numpy() > 0.5, it["label"].numpy(), 1.0 / snr, {"tissue": it["tissue"].numpy()}))
+                        it["mask"][0].numpy() > 0.5, maps_from_labels(it["label"].double().numpy(), ds.protocol),  # output convention
+                        1.0 / snr, {"tissue": it["tissue"].numpy()}))
     return out
 
 
