@@ -66,7 +66,8 @@ def test_further_slice_cost_is_the_difference_or_named_timing_noise():
 
 def test_compare_refuses_bad_arguments(tmp_path, capsys):
     assert main(["compare", "--out", str(tmp_path / "x"), "--brain_slices", "0"]) == 2
-    assert "brain_slices must be a positive integer" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qmri: error:") and "--brain_slices must be at least 1" in err[0]
     assert not (tmp_path / "x").exists()
 
 
