@@ -135,7 +135,7 @@ class QMRI:
             noise: str = "rician", n_coils: int = 1, sigma: float | None = None, overwrite: bool = False,
             samples: int | None = None, steps: int | None = None, sampler: str | None = None,
             symmetry: str | None = None, seed: int | None = None, device: str = "cpu", bundle: str | None = None, weights: str | None = None,
-            quiet: bool = False, bids: bool = False, subject: str | None = None, session: str | None = None):
+            variant: str | None = None, quiet: bool = False, bids: bool = False, subject: str | None = None, session: str | None = None):
         """Map T1 (s), PD and inversion efficiency B from an IR series; write NIfTI maps with JSON sidecars.
 
         Args:
@@ -170,13 +170,19 @@ class QMRI:
                 repeated runs give the same maps; another seed draws another ensemble).
             device: cpu, cuda or cuda:N (or mps) for the learned methods.
             bundle: bundle folder of the learned method (default bundles/<method>).
-            weights: weights file (default <bundle>/models/model.pt).
+            weights: weights file; default: the most accurate validated weights of the bundle for the
+                input's protocol, chosen by their cards (diffusor: fit-conditioned residual, then
+                fit-conditioned, then images only; e.g. models/model_fitcond.pt for the paper protocol,
+                model_fitcond_nist15.pt for nist15); no fitting weights: a one-line error. Every
+                sidecar names the weights (file, sha256, card).
+            variant: diffusor: "images" for the paper's images-only model (models/model.pt for the
+                paper protocol), "fit" for fit-conditioned weights only; default: the best.
             bids: write OUT as a BIDS derivatives dataset (dataset_description.json, sub-<label>/anat/
                 sub-<label>_desc-<method>_T1map.nii.gz and friends with sidecars); the subject (and session)
                 label comes from the input's BIDS name or --subject/--session.
             subject, session: BIDS labels for --bids (letters and digits).
         """
-        from .io import load_nifti_map, load_series, save_maps
+        from .io import load_nifti_map, load_series
         from .mapping import map_series, output_arrays, sidecars_for
 
         samples, steps, seed = _check_map_flags(method, noise, n_coils, sigma, samples, steps, sampler, symmetry,
@@ -201,15 +207,16 @@ class QMRI:
                 m = m[:, :, None]
         res = map_series(series, method=method, mask=m, noise=noise, n_coils=int(n_coils), sigma=sigma, progress=not quiet,
                          samples=samples, steps=steps, seed=seed, sampler=sampler, symmetry=symmetry, device=device,
-                         bundle_dir=bundle, weights=weights)
+                         bundle_dir=bundle, weights=weights, variant=variant)
         if bids:
             written = save_bids_derivatives(out, output_arrays(res), series.affine, sidecars_for(res, series, method),
                                             subject=str(sub), session=None if ses is None else str(ses), method=method,
                                             version=__version__, sources=series.files or [input],
                                             overwrite=overwrite, protect=series.files)
         else:
-            written = save_maps(out, output_arrays(res), series.affine, sidecars_for(res, series, method),
-                                overwrite=overwrite, protect=series.files)
+            from .mapping.runner import write_result  # the bundles' inference.json writes with it too
+
+            written = write_result(out, res, series, method, overwrite=overwrite, protect=series.files)
         if not quiet:
             t1 = res.maps["T1"][res.mask]
             print(f"mapped {int(res.mask.sum())} voxels with {method}: median T1 {np.median(t1) * 1000:.0f} ms -> {out}")

@@ -80,7 +80,7 @@ def main():
     rows.insert(0, ("full DDPM (the paper), 1000 steps", 1000, f"{1000 * per_eval:.0f} (1000 x {per_eval:.2f} s measured per evaluation)",
                     "not run", "", ""))
     lines = [f"Diffusor ensemble of {a.samples} samples on one 240 x 240 slice of the digital NIST twin (paper protocol, SNR 50); "
-             f"{a.device}, {a.threads} threads, {platform.machine()}; {date.today()}; weights {a.weights or 'models/model.pt'}; "
+             f"{a.device}, {a.threads} threads, {platform.machine()}; {date.today()}; weights {a.weights or 'the default, chosen by the cards (qmri map)'}; "
              f"symmetry {mapper.inferer.symmetry}, {mapper.inferer.max_batch or 'all'} samples per network call.", "",
              "| sampler | network evaluations per sample | seconds per slice | T1 error in 0.4-2 s spheres, mean / max (%) | "
              "within-sphere T1 std (% of T1) | mean ensemble std (% of T1) |",

@@ -139,7 +139,7 @@ def main():
                      if k in ("n_samples", "sampler", "network_evaluations_per_sample", "fit_condition", "symmetry", "n_steps",
                               "likelihood"))
     title = (f"{a.method} on the digital NIST twin, {a.protocol} protocol, SNR {a.snr:g}, {'echo-train blurring' if et else 'no echo-train blurring'}, {a.seeds} noise realisation(s)"
-             + (f" ({desc}; weights {a.weights or 'models/model.pt'})" if desc else ""))
+             + (f" ({desc}; weights {a.weights or 'the default, chosen by the cards (qmri map)'})" if desc else ""))
     text, worst = table(per_seed, ref, title, baseline=base if a.method != "mle" else None)
     if a.decompose:
         text += "\n\n" + decomposition_table(method_maps, fit_maps, layout0, ref, a.method)

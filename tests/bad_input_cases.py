@@ -87,11 +87,18 @@ def _dicom(path: Path, pixels: np.ndarray, ti_ms: float, series_uid: str, tr_ms:
 
 # ------------------------------------------------------------------------------------------ builders
 def wrong_ti_count_for_model(d):
-    return _map(_nifti(d, protocol="nist15"), "--method", "resnet")
+    return _map(_nifti(d, protocol="nist15"), "--method", "resnet", "--weights",
+                str(REPO / "bundles" / "resnet" / "models" / "model.pt"))
+
+
+def no_shipped_weights_for_protocol(d):
+    """No --weights: qmri map chooses among the shipped weights by their cards; none has TR 3 s."""
+    return _map(_nifti(d, protocol=get_protocol("paper").with_(repetition_time_s=3.0)), "--method", "diffusor")
 
 
 def wrong_tr_for_model(d):
-    return _map(_nifti(d, protocol=get_protocol("paper").with_(repetition_time_s=3.0)), "--method", "resnet")
+    return _map(_nifti(d, protocol=get_protocol("paper").with_(repetition_time_s=3.0)), "--method", "resnet", "--weights",
+                str(REPO / "bundles" / "resnet" / "models" / "model.pt"))
 
 
 def tis_missing(d):
@@ -338,9 +345,11 @@ class Case:
 
 
 CASES = [
-    Case("wrong_ti_count_for_model", "6 TIs (1.5 T NIST protocol) into the ResNet trained for the paper's 7",
+    Case("wrong_ti_count_for_model", "6 TIs (1.5 T NIST protocol) into the ResNet weights trained for the paper's 7 (--weights)",
          wrong_ti_count_for_model, "train a model for this protocol"),
-    Case("wrong_tr_for_model", "the paper's TIs with TR 3 s into the ResNet trained for TR 10 s",
+    Case("no_shipped_weights_for_protocol", "the paper's TIs with TR 3 s into the Diffusor: no shipped weights' card has that timing",
+         no_shipped_weights_for_protocol, "no diffusor weights in"),
+    Case("wrong_tr_for_model", "the paper's TIs with TR 3 s into the ResNet weights trained for TR 10 s (--weights)",
          wrong_tr_for_model, "trained for TR 10.0 s"),
     Case("tis_missing", "4D NIfTI without sidecar and without --tis", tis_missing, "no inversion times"),
     Case("tis_duplicated", "--tis with one TI twice", tis_duplicated, "duplicate"),

@@ -158,9 +158,16 @@ def test_baseline_bundle_infers_through_monai_bundle_and_qmri_map(trained, tmp_p
     assert main(["map", str(twin), "--out", str(tmp_path / "m"), "--method", method, "--bundle", str(root), "--quiet"]) == 0
     side = json.loads((tmp_path / "m" / "T1map.json").read_text())
     assert side["Method"] == method and (tmp_path / "m" / "InvEffmap.nii.gz").exists()
-    # the bundle path and the command line give the same maps
-    np.testing.assert_allclose(nib.load(tmp_path / "m" / "T1map.nii.gz").get_fdata(),
-                               nib.load(tmp_path / "maps" / "T1map.nii.gz").get_fdata(), rtol=1e-4, atol=1e-5)
+    # one runner: the bundle path and the command line write the same files (the consistency maps
+    # included) with the same maps, and name the same weights
+    names = {p.name for p in (tmp_path / "maps").iterdir()}
+    assert names == {p.name for p in (tmp_path / "m").iterdir()}
+    assert {"Residualmap.nii.gz", "ResidualFlag.nii.gz"} <= names
+    for name in sorted(n for n in names if n.endswith(".nii.gz")):
+        np.testing.assert_allclose(nib.load(tmp_path / "m" / name).get_fdata(), nib.load(tmp_path / "maps" / name).get_fdata(),
+                                   rtol=1e-4, atol=1e-5, err_msg=name)
+    sides = [json.loads((tmp_path / d / "T1map.json").read_text()) for d in ("m", "maps")]
+    assert sides[0]["Weights"]["SHA256"] == sides[1]["Weights"]["SHA256"] and sides[0]["Weights"]["File"] == "model.pt"
     # a bundle of another kind is refused with one line
     other = "rim" if method == "resnet" else "resnet"
     capsys.readouterr()

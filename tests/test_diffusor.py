@@ -247,6 +247,42 @@ def test_train_resume_and_infer_through_monai_bundle(trained_tiny, tmp_path):
     assert nib.load(tmp_path / "maps" / "T1map_std.nii.gz").get_fdata().max() > 0
 
 
+def _same_outputs(a: Path, b: Path, rtol=1e-4, atol=1e-5) -> set:
+    """Both folders hold the same files, with equal maps and the same weights named in every sidecar."""
+    names = {p.name for p in a.iterdir()}
+    assert names == {p.name for p in b.iterdir()}, (sorted(names), sorted(p.name for p in b.iterdir()))
+    for name in names:
+        if name.endswith(".nii.gz"):
+            np.testing.assert_allclose(nib.load(a / name).get_fdata(), nib.load(b / name).get_fdata(), rtol=rtol, atol=atol,
+                                       err_msg=name)
+        else:
+            sa, sb = (json.loads((d / name).read_text()) for d in (a, b))
+            assert sa["Weights"]["SHA256"] == sb["Weights"]["SHA256"] and sa["Weights"]["Card"] == sb["Weights"]["Card"]
+            assert sa["Protocol"] == sb["Protocol"] and sa["Method"] == sb["Method"]
+    return names
+
+
+def test_bundle_inference_and_qmri_map_are_one_runner(trained_tiny, tmp_path):
+    """`monai.bundle run` with inference.json and `qmri map` write the same files (Residualmap and
+    ResidualFlag included) with equal maps for the same input and seed: one runner."""
+    from custom_components.cli import main
+    from custom_components.data.synthesis import Effects, nist_twin
+    from custom_components.io import save_series
+    from custom_components.physics.protocol import paper_protocol
+
+    tw = nist_twin("paper", snr=50, effects=Effects(echo_train=False), matrix=(32, 32), fov_mm=250.0)
+    save_series(tmp_path / "twin.nii.gz", tw["image"].transpose(1, 2, 0)[:, :, None, :], np.eye(4), paper_protocol())
+    _run(["--config_file", str(BUNDLE / "configs" / "inference.json"), "--bundle_root", str(trained_tiny),
+          "--network_preset", "tiny", "--input_path", str(tmp_path / "twin.nii.gz"), "--output_dir", str(tmp_path / "bundle"),
+          "--n_samples", "2", "--steps", "2"])
+    assert main(["map", str(tmp_path / "twin.nii.gz"), "--out", str(tmp_path / "cli"), "--method", "diffusor",
+                 "--bundle", str(trained_tiny), "--samples", "2", "--steps", "2", "--quiet"]) == 0
+    names = _same_outputs(tmp_path / "bundle", tmp_path / "cli")
+    assert {"Residualmap.nii.gz", "ResidualFlag.nii.gz", "T1map_std.nii.gz"} <= names
+    side = json.loads((tmp_path / "bundle" / "ResidualFlag.json").read_text())
+    assert side["Weights"]["File"] == "model.pt" and side["Fit"]["n_samples"] == 2
+
+
 def test_check_properties(trained_tiny):
     from monai.bundle import ConfigWorkflow
 

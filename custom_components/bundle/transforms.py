@@ -117,6 +117,7 @@ class LoadIRSeriesd(MapTransform):
             d["affine"] = torch.as_tensor(series.affine)
             d["source"] = str(series.source)
             d["protocol_json"] = json.dumps(series.protocol.to_dict())  # a string survives collation
+            d["timing_sources_json"] = json.dumps(dict(series.protocol.timing_sources or {}))  # for the sidecars
             d["notes"] = "; ".join(series.notes)
         return d
 

@@ -6,8 +6,10 @@ scheduler and ensemble inferer for the Diffusor, protocol), loads ``models/model
 optionally with the classical fit as extra condition; the Diffusor draws ``n_samples`` maps in
 one batch (-> mean and voxel-wise std), the ResNet regresses the maps, the RIM iterates with the
 likelihood gradient of the series' own protocol. ``qmri map --method diffusor|resnet|rim`` calls
-:func:`map_series_with_bundle`; the bundles' ``inference.json`` share the transforms and
-:class:`SaveMapsHandler`.
+:func:`map_series_with_bundle`, which takes, unless ``weights`` are given, the most accurate
+validated weights for the series' protocol (:func:`choose_weights`, by the weights' cards); the
+bundles' ``inference.json`` share the transforms, and their results are finished and written by
+the same code as ``qmri map``'s (:mod:`custom_components.mapping.runner`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,147 @@ def decode_prediction(pred: torch.Tensor, scale: torch.Tensor, protocol) -> tupl
     return maps_from_labels(decode_maps(pred, scale), protocol, dim=-3), None
 
 
+#: ``qmri map --variant``: which kind of Diffusor weights to choose among the shipped ones (None: the best).
+VARIANTS = ("images", "fit")
+#: The order of preference among the weights that fit the input's protocol, best first: the residual
+#: fit-conditioned model, then the fit-conditioned one, then images only (the paper's). The validation
+#: of bundles/diffusor/docs/README.md: held-out synthetic brains T1 error 8.9 (fifth stage, residual)
+#: / 13.7 (fit-conditioned, not residual) / 18.2 % (images only); twin 0.4-2 s mean error 0.7 / 3.0 / 7.7 %.
+PREFERENCE = ("fit_residual", "fit", "images")
+
+
+def weights_variant(card: dict | None) -> str:
+    """The kind of weights a card describes: "fit_residual", "fit" (fit-conditioned) or "images"."""
+    card = card or {}
+    if card.get("fit_residual") is True:
+        return "fit_residual"
+    return "fit" if card.get("fit_condition") is True else "images"
+
+
+_VARIANT_WORDS = {"fit_residual": "images + fit, residual", "fit": "images + fit", "images": "images only"}
+
+
+def _describe_protocol(p) -> str:
+    tr = p.repetition_time_s
+    if tr is not None:
+        trs = sorted({round(float(t), 3) for t in np.atleast_1d(tr)})
+        tr = f", TR {trs[0]} s" if len(trs) == 1 else f", TR {[round(float(t), 3) for t in np.atleast_1d(tr)]} s"
+    return f"TIs {[round(float(t), 4) for t in p.inversion_times_s]} s{tr or ''}"
+
+
+def shipped_weights(bundle_dir: str | Path, method: str) -> list[tuple[Path, dict | None]]:
+    """The weights files of a bundle's models/ folder (checkpoints left out) with their cards (None
+    where a file has none), sorted by name. A card that is not a valid card is refused (InputError)."""
+    from ..bundle.training import read_weights_card
+
+    out = []
+    for path in sorted((Path(bundle_dir) / "models").glob("*.pt")):
+        if path.name.startswith("checkpoint"):
+            continue
+        try:
+            card = read_weights_card(path)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        if card is not None and card.get("method", method) != method:
+            continue
+        out.append((path, card))
+    return out
+
+
+def choose_weights(bundle_dir: str | Path, method: str, protocol, variant: str | None = None) -> tuple[Path, str]:
+    """The weights ``qmri map`` uses when none are given: among the bundle's shipped weights
+    (:func:`shipped_weights`), those whose card's protocol has the input's timing
+    (:func:`custom_components.physics.protocol.check_same_timing`; the RIM maps any protocol), the
+    first in :data:`PREFERENCE` (ties: by file name). ``variant`` ("images" or "fit", the Diffusor
+    only) keeps only weights of that kind. Returns the path and a sentence saying why it was chosen;
+    raises InputError (one line naming what the bundle has) when none fits.
+
+    Weights without a card are taken to be for the protocol of the bundle's ``configs/inference.json``
+    (images only)."""
+    from ..physics.protocol import ProtocolError, check_same_timing, get_protocol
+
+    if variant is not None and method != "diffusor":
+        raise InputError(f"--variant applies to the diffusor only, not to {method}")
+    if variant is not None and variant not in VARIANTS:
+        raise InputError(f"--variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    bundle_dir = Path(bundle_dir)
+    cfg = bundle_dir / "configs" / "inference.json"
+    if not cfg.exists():
+        raise InputError(f"{bundle_dir}: not a bundle (no configs/inference.json)")
+    protocol = get_protocol(protocol)
+    try:
+        config = json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{cfg}: unreadable ({e})") from None
+    bundle_method = config.get("method", "diffusor")
+    if bundle_method != method:
+        raise InputError(f"{bundle_dir} is a {bundle_method} bundle, not a {method} one")
+    default_protocol = config.get("protocol", "paper")
+    fits, seen = [], []
+    for path, card in shipped_weights(bundle_dir, method):
+        try:
+            trained = get_protocol((card or {}).get("protocol", default_protocol))
+        except (ProtocolError, ValueError, TypeError) as e:
+            raise InputError(f"{path}: its card's protocol is not a protocol ({str(e).splitlines()[0]})") from None
+        kind = weights_variant(card)
+        seen.append(f"{path.name} ({trained.name}" + (f", {_VARIANT_WORDS[kind]})" if method == "diffusor" else ")"))
+        if variant == "images" and kind != "images" or variant == "fit" and kind == "images":
+            continue
+        if method != "rim":
+            try:
+                check_same_timing(trained, protocol)
+            except ProtocolError:
+                continue
+        fits.append((PREFERENCE.index(kind), path.name, path, kind))
+    if not fits:
+        which = f"{method} ({_VARIANT_WORDS[variant]})" if variant else method
+        raise InputError(f"no {which} weights in {bundle_dir / 'models'} fit this input's protocol "
+                         f"({_describe_protocol(protocol)}); the bundle has: {', '.join(seen) or 'none'}; "
+                         "train a model for this protocol (README.md, 'MONAI bundles') or pass --weights")
+    _, _, path, kind = min(fits)
+    why = (f"{'--variant ' + variant + ': ' if variant else ''}the most accurate validated {method} weights for the "
+           f"input's protocol among {len(seen)} shipped" + (f" ({_VARIANT_WORDS[kind]})" if method == "diffusor" else ""))
+    return path, why
+
+
+def sha256_of(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_record(path: str | Path, choice: str | None = None) -> dict:
+    """What every output sidecar says about the weights that made the maps: file name, path, sha256,
+    the card's contents (None where there is none) and why they were used."""
+    from ..bundle.training import read_weights_card
+
+    path = Path(path)
+    try:
+        card = read_weights_card(path)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return {"File": path.name, "Path": str(path.resolve()), "SHA256": sha256_of(path), "Card": card,
+            "Choice": choice or "given (--weights or the config's ckpt_path)"}
+
+
+def run_info(method: str, network, inferer=None, fit_condition: bool = False) -> dict:
+    """The settings of a learned method's run, the same in ``qmri map`` and the bundle's
+    ``inference.json``: the Diffusor's ensemble (size, sampler, network evaluations, seed,
+    self-ensemble frames, condition variant), the RIM's steps and likelihood."""
+    if method == "diffusor":
+        inf = inferer
+        return {"n_samples": inf.n_samples, "sampler": inf.sampler,
+                "network_evaluations_per_sample": inf.network_evaluations, "fit_condition": bool(fit_condition),
+                "fit_residual": bool(getattr(inf, "residual", False)), "seed": inf.seed, "symmetry": inf.symmetry}
+    if method == "rim":
+        return {"n_steps": network.n_steps, "likelihood": network.noise}
+    return {}
+
+
 def background_sigma(data: np.ndarray) -> float | None:
     """The noise std of magnitude data (..., N) from its signal-free background
     (:func:`custom_components.methods.fitting.estimate_noise_sigma`), or None where there is no background."""
@@ -58,6 +201,19 @@ def background_sigma(data: np.ndarray) -> float | None:
         return estimate_noise_sigma(data)
     except ValueError:
         return None
+
+
+def rim_noise_info(data: np.ndarray, sigma: float | None = None) -> tuple[float | None, dict]:
+    """The RIM's noise std: ``sigma`` if given, else from the background of ``data`` (X, Y, Z, N)
+    (None where there is none: the Gaussian likelihood), and what the sidecars say about it."""
+    info = {}
+    if sigma is None:
+        sigma = background_sigma(data)
+        info["sigma_source"] = ("estimated from signal-free background" if sigma is not None
+                                else "unknown (no background): Gaussian likelihood")
+    if sigma is not None:
+        info["sigma"] = float(sigma)
+    return sigma, info
 
 
 class BundleMapper:
@@ -128,6 +284,7 @@ class BundleMapper:
         except Exception as e:  # noqa: BLE001 - anything unreadable is bad input here
             raise InputError(f"{path}: cannot load weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
         self.network.eval()
+        self.weights_path = path
         self.inferer = parser.get_parsed_content("inferer") if self.method == "diffusor" else None
         from ..physics.protocol import get_protocol
 
@@ -174,15 +331,7 @@ class BundleMapper:
         return mean[0].numpy(), (None if std is None else std[0].numpy())
 
     def info(self) -> dict:
-        if self.method == "diffusor":
-            inf = self.inferer
-            return {"n_samples": inf.n_samples, "sampler": inf.sampler,
-                    "network_evaluations_per_sample": inf.network_evaluations, "fit_condition": self.fit_condition,
-                    "fit_residual": self.fit_residual,
-                    "seed": inf.seed, "symmetry": inf.symmetry}
-        if self.method == "rim":
-            return {"n_steps": self.network.n_steps, "likelihood": self.network.noise}
-        return {}
+        return run_info(self.method, self.network, self.inferer, self.fit_condition)
 
 
 DiffusorMapper = BundleMapper  # the name used before the baselines existed
@@ -191,13 +340,18 @@ DiffusorMapper = BundleMapper  # the name used before the baselines existed
 def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, method: str = "diffusor", bundle_dir=None,
                            weights=None, samples: int | None = None, steps: int | None = None,
                            sampler: str | None = None, device: str = "cpu", progress: bool = True, sigma=None,
-                           seed: int | None = None, symmetry: str | None = None, **_):
+                           seed: int | None = None, symmetry: str | None = None, variant: str | None = None, **_):
     """Map every slice of a series with a trained bundle; returns a :class:`custom_components.mapping.MappingResult`.
 
     ``seed``: the Diffusor's seed of the ensemble's initial noise (None: the bundle's, 0, so
     repeated runs give the same maps). ``symmetry``: the frames of the pixel grid the Diffusor's
     members are drawn in ("none", "flips" or "dihedral"; None: the bundle's, "dihedral"; see
     :class:`custom_components.methods.inferers.EnsembleDDPMInferer`).
+
+    ``weights``: a weights file; None: :func:`choose_weights` picks the most accurate validated
+    weights of the bundle for the series' protocol (``variant`` "images" or "fit" restricts the
+    Diffusor's choice to that kind). Every result's ``info["weights"]`` is :func:`weights_record`
+    (file name, sha256, card), which every output sidecar carries.
 
     For the RIM the noise level is ``sigma`` if given, else estimated from the series' background
     (if there is none: unknown, and the RIM uses the Gaussian likelihood)."""
@@ -215,18 +369,21 @@ def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, met
             raise InputError(f"--{flag} must be one of {', '.join(choices)}, got {value!r}")
     if samples is not None and int(samples) < 1:
         raise InputError(f"--samples must be at least 1, got {samples}")
+    choice = None
+    if weights is None:
+        weights, choice = choose_weights(bundle_dir if bundle_dir is not None else REPO_BUNDLES / method, method,
+                                         series.protocol, variant)
+    elif variant is not None:
+        raise InputError("--variant chooses among the bundle's shipped weights; it cannot go with --weights")
     mapper = BundleMapper(bundle_dir, weights, overrides, device, method=method)
     if mapper.inferer is not None and not progress:
         mapper.inferer.progress = False  # --quiet: no sampler progress bars either (the config asks for them)
     mapper.check_protocol(series)
     data = series.data  # (X, Y, Z, N)
-    info = {"bundle": str(mapper.bundle_dir), **mapper.info()}
-    if method == "rim" and sigma is None:
-        sigma = background_sigma(data)
-        info["sigma_source"] = ("estimated from signal-free background" if sigma is not None
-                                else "unknown (no background): Gaussian likelihood")
-    if sigma is not None and method == "rim":
-        info["sigma"] = float(sigma)
+    info = {"bundle": str(mapper.bundle_dir), **mapper.info(), "weights": weights_record(mapper.weights_path, choice)}
+    if method == "rim":
+        sigma, noise_info = rim_noise_info(data, sigma)
+        info.update(noise_info)
     if mask is None:
         mask = signal_mask(data)
     shape = data.shape[:3]
@@ -297,52 +454,6 @@ class NoiseSigmad:
         return d
 
 
-class SaveMapsHandler:
-    """Evaluator handler: the network output of a series -> T1/PD/B maps written with
-    :func:`custom_components.io.save_maps` (the ``qmri map`` contract) into ``output_dir`` (a
-    sub-folder per input when there are several). An ensemble (Z, S, 3, H, W) (the Diffusor) gives
-    the mean and ``_std`` maps; a single estimate (Z, 3, H, W) (ResNet, RIM) gives the maps alone."""
-
-    def __init__(self, output_dir: str, method: str = "diffusor", overwrite: bool = False, per_input_folder: bool = False):
-        self.output_dir = Path(output_dir)
-        self.method = method
-        self.overwrite = overwrite
-        self.per_input_folder = per_input_folder
-        self.written: list[Path] = []
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-
-    def __call__(self, engine) -> None:
-        from ..io import save_maps
-        from .results import MappingResult, output_arrays, sidecars_for
-        from ..physics.protocol import get_protocol
-
-        batch = engine.state.batch
-        mean, std = decode_prediction(engine.state.output["pred"], batch["scale"][0].float().cpu(),
-                                      get_protocol(batch["protocol_json"][0]))  # (Z, 3, H, W), output convention
-        mask = batch["mask"][0].cpu().numpy().astype(bool)  # (Z, H, W)
-        maps = {}
-        for i, k in enumerate(("T1", "PD", "B")):
-            maps[k] = np.transpose(np.where(mask, mean[:, i].numpy(), 0), (1, 2, 0))
-            if std is not None:
-                maps[k + "_std"] = np.transpose(np.where(mask, std[:, i].numpy(), 0), (1, 2, 0))
-        source = batch["source"][0]
-        prot = get_protocol(batch["protocol_json"][0])
-        series = IRSeries(data=np.zeros(mask.shape[1:] + mask.shape[:1] + (prot.n_images,)),
-                          affine=batch["affine"][0].cpu().numpy(), protocol=prot, source=source,
-                          notes=[n for n in str(batch.get("notes", [""])[0]).split("; ") if n])
-        inf = engine.inferer
-        info = {k: getattr(inf, a) for k, a in (("n_samples", "n_samples"), ("sampler", "sampler"),
-                                                ("network_evaluations_per_sample", "network_evaluations"),
-                                                ("seed", "seed"), ("symmetry", "symmetry")) if hasattr(inf, a)}
-        res = MappingResult(maps=maps, mask=np.transpose(mask, (1, 2, 0)), info=info)
-        out = self.output_dir / Path(source).name.split(".")[0] if self.per_input_folder else self.output_dir
-        save_maps(out, output_arrays(res), series.affine, sidecars_for(res, series, self.method), overwrite=self.overwrite)
-        self.written.append(out)
-
-
 __all__ = ["BundleMapper", "decode_prediction", "background_sigma", "DiffusorMapper", "LEARNED_METHODS", "map_series_with_bundle", "map_series_with_diffusor", "VolumePrepareBatch", "SliceBatchInferer", "NoiseSigmad",
-           "SaveMapsHandler"]
+           "VARIANTS", "PREFERENCE", "weights_variant", "shipped_weights", "choose_weights", "sha256_of", "weights_record",
+           "run_info", "rim_noise_info"]

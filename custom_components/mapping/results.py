@@ -54,6 +54,8 @@ def sidecars_for(result: MappingResult, series: IRSeries, method: str) -> dict[s
               "Source": str(series.source), "InputNotes": list(series.notes),
               "Protocol": protocol_sidecar(series.protocol),
               "Fit": {k: v for k, v in result.info.items() if isinstance(v, (str, int, float, list, bool, type(None)))}}
+    if isinstance(result.info.get("weights"), dict):  # learned methods: file, sha256, card (mapping.learned.weights_record)
+        common["Weights"] = result.info["weights"]
     out = {}
     for key, arr in result.maps.items():
         base = key[:-4] if key.endswith("_std") else key
