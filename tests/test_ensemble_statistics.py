@@ -13,7 +13,7 @@ from custom_components.methods.inferers import ROBUST_CLIP, ensemble_statistics
 from custom_components.methods.scaling import EPS, T1_SCALE_S, decode_maps, encode_maps
 from custom_components.reporting.map_metrics import coverage
 
-PLAIN = dict(robust_clip=None)  # the estimator before issue 19: mean and std of the decoded members
+PLAIN = {"robust_clip": None}  # the estimator before issue 19: mean and std of the decoded members
 
 
 def _members(t1: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
