@@ -28,17 +28,17 @@ def capture(which: str, weights: str, out: str) -> None:
     from custom_components.reporting.comparison import brain_cases, twin_case
 
     captured = []
-    plain = inf.ensemble_statistics
+    original = inf.ensemble_statistics
 
     def grab(samples, scale, **kw):
         captured.append((samples.detach().cpu().clone(), torch.as_tensor(scale).detach().cpu().clone()))
-        return plain(samples, scale, **kw)
+        return original(samples, scale, **kw)
 
     inf.ensemble_statistics = grab  # decode_prediction imports it at call time
     case = brain_cases(1)[0] if which == "brain" else twin_case(50.0, seed=0)
     map_series(case.series(), method="diffusor", mask=case.mask[:, :, None], progress=False, weights=weights,
                sigma=case.sigma)
-    inf.ensemble_statistics = plain
+    inf.ensemble_statistics = original
     samples, scale = captured[0]
     extra = {"extra_" + k: v for k, v in case.extra.items() if isinstance(v, np.ndarray)}
     np.savez_compressed(out, samples=samples.numpy(), scale=scale.numpy(), mask=case.mask, truth=case.truth, **extra)
