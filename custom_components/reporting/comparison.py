@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import InputError
 from ..mapping import FLAG_ALPHA
 
 REPO = Path(__file__).resolve().parents[2]
@@ -440,7 +441,7 @@ def update_real_scan_section(out_dir: str | Path = "docs", data_dir: str | Path 
 
     path = Path(out_dir) / "RESULTS.md"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no report to update; run `qmri compare --out {out_dir}` first")
+        raise InputError(f"{path}: no report to update; run `qmri compare --out {out_dir}` first")
     text = path.read_text()
     head = "## 4. Real scans"
     if text.count(head) != 1:
