@@ -464,21 +464,16 @@ def update_real_scan_section(out_dir: str | Path = "docs", data_dir: str | Path 
 
 
 def weights_for_protocol(method: str, protocol, fit_condition: bool = False) -> Path | None:
-    """Shipped weights of a bundle (``bundles/<method>/models/*.pt`` with a weights card) trained for
-    ``protocol``'s inversion times (and, for the Diffusor, the given condition variant), or None."""
-    from ..physics.protocol import ProtocolError, check_same_timing, get_protocol
-    from ..bundle.training import read_weights_card
+    """The shipped weights of ``bundles/<method>`` that ``qmri map`` would choose for ``protocol``
+    (:func:`custom_components.mapping.learned.choose_weights`; for the Diffusor restricted to the
+    fit-conditioned or the images-only variant), or None where none was trained for it."""
+    from ..mapping.learned import choose_weights
 
-    for w in sorted((REPO / "bundles" / method / "models").glob("*.pt")):
-        card = read_weights_card(w)
-        if not card or "protocol" not in card or bool(card.get("fit_condition", False)) != bool(fit_condition):
-            continue
-        try:
-            check_same_timing(get_protocol(card["protocol"]), protocol)
-        except ProtocolError:
-            continue
-        return w
-    return None
+    variant = ("fit" if fit_condition else "images") if method == "diffusor" else None
+    try:
+        return choose_weights(REPO / "bundles" / method, method, protocol, variant=variant)[0]
+    except InputError:
+        return None
 
 
 def _peak_rss_mb() -> float:
