@@ -21,12 +21,13 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first (see the top of this file); skipped when the venv already has this version
-	if $(BIN)/python -c "import importlib.metadata as m, sys; sys.exit(m.version('torch').split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null; then \
+	@if $(BIN)/python -c "import importlib.metadata as m, sys; sys.exit(m.version('torch').split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null; then \
 	  echo "torch $(TORCH_VERSION) already installed"; \
 	elif [ -z "$(TORCH_INDEX)" ]; then \
 	  echo "torch==$(TORCH_VERSION) from pip's configured index (TORCH_INDEX is empty)"; \
 	  $(PIP) install -q torch==$(TORCH_VERSION); \
 	elif $(BIN)/python -c "import urllib.request as u; u.urlopen('$(TORCH_INDEX)/torch/', timeout=$(TORCH_PROBE_TIMEOUT))" 2>/dev/null; then \
+	  echo "torch==$(TORCH_VERSION) from $(TORCH_INDEX)"; \
 	  $(PIP) install -q torch==$(TORCH_VERSION) --index-url $(TORCH_INDEX) || { \
 	    echo "installing torch==$(TORCH_VERSION) from $(TORCH_INDEX) failed: falling back to pip's configured index (on a plain PyPI: the CUDA build)"; \
 	    $(PIP) install -q torch==$(TORCH_VERSION); }; \
@@ -34,8 +35,8 @@ $(STAMP): pyproject.toml
 	  echo "$(TORCH_INDEX) cannot be reached: torch==$(TORCH_VERSION) from pip's configured index and find-links instead (on a plain PyPI: the CUDA build)"; \
 	  $(PIP) install -q torch==$(TORCH_VERSION); \
 	fi
-	$(BIN)/python -c "import torch; print('torch', torch.__version__, '(CUDA ' + torch.version.cuda + ' build)' if torch.version.cuda else '(CPU build)')"
 	$(PIP) install -q -e ".[test,plots]"
+	@$(BIN)/python -c "import torch; print('installed: torch', torch.__version__, '(CUDA ' + torch.version.cuda + ' build)' if torch.version.cuda else '(CPU build)')"
 	touch $(STAMP)
 
 venv: $(STAMP)
