@@ -31,7 +31,7 @@ def main(argv=None) -> int:
             o = run_case(case, Path(tmp) / "case")
             lines_ = o.stderr.splitlines()
             msg = lines_[0] if len(lines_) < 2 else f"{lines_[0]} ... {lines_[-1]}"  # a traceback: first and last line
-            msg = msg.replace(tmp, "<tmp>").replace("|", "\\|")
+            msg = msg.replace(tmp, "<tmp>").replace(str(REPO), "<repo>").replace("|", "\\|")
             msg = re.sub(r"\x1b\[[0-9;]*m", "", msg)
             ok = case.as_expected(o)
             failures += not ok
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         "status 1 instead of dressing it up as a user error (`--debug` or `QMRI_DEBUG=1` shows the traceback of",
         "bad input too).",
         "",
-        "| case | input | exit | the error line (paths shortened to `<tmp>`) | left behind | as expected |",
+        "| case | input | exit | the error line (paths shortened to `<tmp>` and `<repo>`) | left behind | as expected |",
         "|---|---|---|---|---|---|",
         *rows,
         "",

@@ -343,7 +343,6 @@ class Case:
         return shown and self.expect in o.stderr and not o.new_files and o.inputs_unchanged and not o.code_ran
 
 
-
 CASES = [
     Case("wrong_ti_count_for_model", "6 TIs (1.5 T NIST protocol) into the ResNet weights trained for the paper's 7 (--weights)",
          wrong_ti_count_for_model, "train a model for this protocol"),
