@@ -72,8 +72,9 @@ class SaveMapsHandler:
         from ..physics.protocol import get_protocol
 
         batch = engine.state.batch
+        prot = get_protocol(batch["protocol_json"][0])
         mean, std = decode_prediction(engine.state.output["pred"], batch["scale"][0].float().cpu(),
-                                      get_protocol(batch["protocol_json"][0]))  # (Z, 3, H, W), output convention
+                                      prot)  # (Z, 3, H, W), output convention
         mask = batch["mask"][0].cpu().numpy().astype(bool)  # (Z, H, W)
         maps = {}
         for i, k in enumerate(("T1", "PD", "B")):
@@ -81,7 +82,6 @@ class SaveMapsHandler:
             if std is not None:
                 maps[k + "_std"] = np.transpose(np.where(mask, std[:, i].numpy(), 0), (1, 2, 0)).astype(np.float32)
         source = batch["source"][0]
-        prot = get_protocol(batch["protocol_json"][0])
         if "timing_sources_json" in batch:  # where each timing came from (provenance only, not in protocol_json)
             prot = dataclasses.replace(prot, timing_sources=json.loads(batch["timing_sources_json"][0]))
         images = batch["image"][0].cpu().numpy()  # (Z, N, X, Y), as read
