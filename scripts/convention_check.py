@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     a = ap.parse_args(argv)
-    from custom_components.data.synthesis import Effects, maps_from_labels, nist_twin
+    from custom_components.data.synthesis import Effects, nist_twin
     from custom_components.io import IRSeries
     from custom_components.mapping import MappingResult, add_consistency_maps, map_series
     from custom_components.mapping.learned import decode_prediction
