@@ -1,7 +1,9 @@
 """The inversion-recovery signal model, its analytic Jacobian and the Cramér-Rao bound.
 
-Signed longitudinal signal at inversion time TI_n (readout saturating Mz, free recovery Trec_n
-from the end of the readout to the next inversion, inversion efficiency B: Mz -> (1 - B) Mz):
+Signed longitudinal signal at inversion time TI_n (steady state of repeated TRs: the readout
+saturates Mz, Mz recovers freely from the end of the readout to the next inversion, TR_n - TI_n -
+readout, and again for TI_n until the next readout, so Trec_n = TR_n - readout; inversion efficiency
+B: Mz -> (1 - B) Mz):
 
     s_n = PD (1 - B exp(-TI_n / T1) + (B - 1) exp(-Trec_n / T1))
 
