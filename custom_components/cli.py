@@ -135,7 +135,8 @@ class QMRI:
             noise: str = "rician", n_coils: int = 1, sigma: float | None = None, overwrite: bool = False,
             samples: int | None = None, steps: int | None = None, sampler: str | None = None,
             symmetry: str | None = None, seed: int | None = None, device: str = "cpu", bundle: str | None = None, weights: str | None = None,
-            variant: str | None = None, quiet: bool = False, bids: bool = False, subject: str | None = None, session: str | None = None):
+            variant: str | None = None, quiet: bool = False, bids: bool = False, subject: str | None = None, session: str | None = None,
+            tv_weight: float | None = None):
         """Map T1 (s), PD and inversion efficiency B from an IR series; write NIfTI maps with JSON sidecars.
 
         Args:
@@ -146,7 +147,8 @@ class QMRI:
                 or can be estimated from the background, ResidualFlag.nii.gz (1 where the maps do not explain
                 the images: chi-square test at false-alarm rate 0.001), each with a JSON sidecar, in the
                 input's space.
-            method: mle (classical maximum likelihood, default), ls (least squares), diffusor (the
+            method: mle (classical maximum likelihood, default), ls (least squares), tv (maximum
+                likelihood with a total-variation prior, started from mle; --tv_weight), diffusor (the
                 trained DDPM bundle: also writes T1map_std/PDmap_std/InvEffmap_std, its uncertainty),
                 resnet (direct regression) or rim (recurrent inference machine; any protocol).
             mask: optional NIfTI mask (non-zero = map); default: voxels with signal above the noise.
@@ -181,12 +183,25 @@ class QMRI:
                 sub-<label>_desc-<method>_T1map.nii.gz and friends with sidecars); the subject (and session)
                 label comes from the input's BIDS name or --subject/--session.
             subject, session: BIDS labels for --bids (letters and digits).
+            tv_weight: --method tv (the fit with a total-variation prior on each slice): the prior's
+                strength, >= 0, in log-likelihood units per jump of one Cramér-Rao bound (default 1;
+                0: the plain ML fit; docs/physics.md).
         """
         from .io import load_nifti_map, load_series
         from .mapping import map_series, output_arrays, sidecars_for
 
         samples, steps, seed = _check_map_flags(method, noise, n_coils, sigma, samples, steps, sampler, symmetry,
                                                 seed, device)
+        if tv_weight is not None:
+            import math
+
+            from .io import InputError
+
+            if method != "tv":
+                raise InputError(f"--tv_weight applies to --method tv only, not to {method}")
+            if isinstance(tv_weight, bool) or not isinstance(tv_weight, (int, float)) or not math.isfinite(tv_weight) \
+                    or tv_weight < 0:
+                raise InputError(f"--tv_weight must be a number >= 0, got {tv_weight!r}")
 
         series = load_series(input, tis=_floats(tis, "--tis"), tr=(None if tr is None else (lambda v: v[0] if len(v) == 1 else v)(_floats(tr, "--tr"))),
                              echo_spacing=_one(echo_spacing, "--echo_spacing"), etl=_one(etl, "--etl"))
@@ -207,7 +222,8 @@ class QMRI:
                 m = m[:, :, None]
         res = map_series(series, method=method, mask=m, noise=noise, n_coils=int(n_coils), sigma=sigma, progress=not quiet,
                          samples=samples, steps=steps, seed=seed, sampler=sampler, symmetry=symmetry, device=device,
-                         bundle_dir=bundle, weights=weights, variant=variant)
+                         bundle_dir=bundle, weights=weights, variant=variant,
+                         **({} if tv_weight is None else {"tv_weight": float(tv_weight)}))
         if bids:
             written = save_bids_derivatives(out, output_arrays(res), series.affine, sidecars_for(res, series, method),
                                             subject=str(sub), session=None if ses is None else str(ses), method=method,

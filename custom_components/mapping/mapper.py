@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..methods.fitting import InversionRecoveryModel, estimate_noise_sigma, signal_mask
+from ..methods.fitting import InversionRecoveryModel, IRFit, estimate_noise_sigma, signal_mask
 from ..io import InputError, IRSeries
 from .results import FLAG_ALPHA, MappingResult
 
@@ -51,6 +51,31 @@ def _ls(series, mask, **kw):
     return _classical(series, mask, **kw)
 
 
+def _tv(series: IRSeries, mask: np.ndarray | None, noise: str = "rician", sigma: float | None = None,
+        n_coils: int = 1, progress: bool = True, tv_weight: float | None = None, **_) -> MappingResult:
+    """The TV-regularised ML fit (:mod:`custom_components.methods.regularised`), started from the plain fit."""
+    from ..methods.regularised import DEFAULT_TV_WEIGHT, TVRegularisedModel
+
+    if noise == "ncchi" and int(n_coils) > 1:
+        raise InputError("--method tv fits Rician (one coil) or Gaussian noise, not root-sum-of-squares data of "
+                         f"{int(n_coils)} coils (use --method mle)")
+    noise = "gaussian" if noise == "gaussian" else "rician"
+    w = DEFAULT_TV_WEIGHT if tv_weight is None else float(tv_weight)
+    if not np.isfinite(w) or w < 0:
+        raise InputError(f"--tv_weight must be a number >= 0, got {tv_weight!r}")
+    plain = _classical(series, mask, noise=noise, sigma=sigma, n_coils=1, progress=progress)
+    fit_noise = plain.info["noise"]  # gaussian where no background gave sigma
+    init = IRFit(t1=plain.maps["T1"], pd=plain.maps["PD"], b=plain.maps["B"], residual=plain.maps["residual"],
+                 mask=plain.mask, protocol=series.protocol, info=dict(plain.info))
+    fit = TVRegularisedModel(series.protocol, tv_weight=w).fit(series.data, mask=plain.mask, noise=fit_noise,
+                                                                sigma=plain.info.get("sigma"), init=init,
+                                                                progress=progress)
+    info = {**{k: v for k, v in plain.info.items() if k not in ("method",)}, **fit.info,
+            "init": f"plain {plain.info.get('method')} fit"}
+    return MappingResult(maps={"T1": fit.t1, "PD": fit.pd, "B": fit.b, "residual": fit.residual}, mask=plain.mask,
+                         info=info)
+
+
 def _learned(method: str):
     def run(series, mask, **kw):
         from .learned import map_series_with_bundle
@@ -62,7 +87,7 @@ def _learned(method: str):
     return run
 
 
-METHODS: dict[str, Callable[..., MappingResult]] = {"mle": _mle, "ls": _ls, "diffusor": _learned("diffusor"),
+METHODS: dict[str, Callable[..., MappingResult]] = {"mle": _mle, "ls": _ls, "tv": _tv, "diffusor": _learned("diffusor"),
                                                    "resnet": _learned("resnet"), "rim": _learned("rim")}
 def map_series(series: IRSeries, method: str = "mle", mask: np.ndarray | None = None, flag_alpha: float = FLAG_ALPHA,
                **options) -> MappingResult:

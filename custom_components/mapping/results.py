@@ -41,6 +41,7 @@ class MappingResult:
 METHOD_DESCRIPTIONS = {
     "mle": "classical maximum-likelihood fit (Rician by default; noncentral chi with --noise ncchi --n_coils N)",
     "ls": "classical magnitude least-squares fit (polarity restoration x T1 grid + Gauss-Newton)",
+    "tv": "classical maximum-likelihood fit with a total-variation prior on each slice (log T1, PD, B; strength --tv_weight)",
     "diffusor": "qMRI Diffusor: conditional DDPM, mean and voxel-wise std over an ensemble of samples",
     "resnet": "ResNet baseline: direct regression of the maps from the images",
     "rim": "recurrent inference machine: learned iterative updates from the likelihood gradient of the signal model",
