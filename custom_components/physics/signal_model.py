@@ -108,6 +108,17 @@ def jacobian(params, protocol: Protocol, dim: int = 0) -> torch.Tensor:
     return torch.sign(signed_signal(params, protocol, dim)).unsqueeze(-1) * signed_jacobian(params, protocol, dim)
 
 
+def _constant_recovery_s(protocol: Protocol) -> float | None:
+    """The recovery time Trec (s) shared by every image, None with full recovery; raises where TR
+    varies between images (apparent parameters then do not exist)."""
+    rec = protocol.recovery_times_s()
+    if rec is None:
+        return None
+    if not protocol.has_constant_tr:
+        raise ValueError("apparent parameters exist only for a constant TR")
+    return float(rec[0])
+
+
 def apparent_parameters(params, protocol: Protocol, dim: int = 0) -> torch.Tensor:
     """(T1, PD_app, B_app) for which the full-recovery model reproduces a constant-TR signal exactly.
 
@@ -115,13 +126,11 @@ def apparent_parameters(params, protocol: Protocol, dim: int = 0) -> torch.Tenso
     the parameters are returned unchanged. Raises for a protocol whose TR varies between images.
     """
     params = _as_tensor(params)
-    rec = protocol.recovery_times_s()
-    if rec is None:
+    trec = _constant_recovery_s(protocol)
+    if trec is None:
         return params.clone()
-    if not protocol.has_constant_tr:
-        raise ValueError("apparent parameters exist only for a constant TR")
     t1, pd, b = _split(params, dim)
-    k = 1.0 + (b - 1.0) * torch.exp(-float(rec[0]) / t1)
+    k = 1.0 + (b - 1.0) * torch.exp(-trec / t1)
     return torch.cat([t1, pd * k, b / k], dim=dim)
 
 
@@ -146,14 +155,12 @@ def physical_parameters(params, protocol: Protocol, dim: int = 0, b_max: float =
     come back unchanged. Raises for a protocol whose TR varies between images.
     """
     params = _as_tensor(params)
-    rec = protocol.recovery_times_s()
-    if rec is None:
+    trec = _constant_recovery_s(protocol)
+    if trec is None:
         return params.clone()
-    if not protocol.has_constant_tr:
-        raise ValueError("apparent parameters exist only for a constant TR")
     t1, pd_app, b_app = _split(params, dim)
     pos = t1 > 0
-    e = torch.where(pos, torch.exp(-float(rec[0]) / torch.where(pos, t1, torch.ones_like(t1))), torch.zeros_like(t1))
+    e = torch.where(pos, torch.exp(-trec / torch.where(pos, t1, torch.ones_like(t1))), torch.zeros_like(t1))
     b_app = torch.minimum(b_app.clamp_min(0.0), b_max / (1.0 + (b_max - 1.0) * e))
     k_inv = (1.0 - b_app * e) / (1.0 - e)  # 1 / k, in (0, 1 / (1 - E)]
     return torch.cat([t1, pd_app * k_inv, b_app / k_inv], dim=dim)
