@@ -39,7 +39,6 @@ TV-regularised fit").
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -55,23 +54,6 @@ DEFAULT_TV_WEIGHT = 1.0
 MAP_WEIGHTS = {"T1": 1.0, "PD": 0.25, "B": 4.0}
 TV_EPS = 0.1  # smoothing of |t| in units of the map's median CRLB
 LOG_T1_RANGE = (np.log(0.002), np.log(24.0))  # s: where the plain fit's log T1 is clipped for the start
-
-
-@dataclass
-class TVFit:
-    """Maps of the regularised fit, each shaped like the data without its inversion axis."""
-
-    t1: np.ndarray  # s
-    pd: np.ndarray
-    b: np.ndarray
-    residual: np.ndarray  # RMS of |s(theta)| - y over the inversion times
-    mask: np.ndarray
-    protocol: Protocol
-    info: dict = field(default_factory=dict)
-
-    @property
-    def maps(self) -> dict[str, np.ndarray]:
-        return {"T1": self.t1, "PD": self.pd, "B": self.b}
 
 
 def negative_log_likelihood(y: torch.Tensor, s: torch.Tensor, sigma: float, noise: str = "rician") -> torch.Tensor:
@@ -203,7 +185,7 @@ def fit_slice(data: np.ndarray, mask: np.ndarray, init: tuple, protocol: Protoco
 
 
 class TVRegularisedModel:
-    """``TVRegularisedModel(protocol).fit(data, sigma=...)`` -> :class:`TVFit`.
+    """``TVRegularisedModel(protocol).fit(data, sigma=...)`` -> :class:`custom_components.methods.fitting.IRFit` (the plain fit's result type).
 
     Args:
         protocol: the acquisition.
@@ -219,7 +201,7 @@ class TVRegularisedModel:
         self.n_iter = int(n_iter)
 
     def fit(self, data: np.ndarray, mask: np.ndarray | None = None, noise: str = "rician",
-            sigma: float | None = None, init: IRFit | None = None, progress: bool = False) -> TVFit:
+            sigma: float | None = None, init: IRFit | None = None, progress: bool = False) -> IRFit:
         """Fit ``data`` (H, W, N) or (H, W, Z, N) (inversion last; slices along the third axis).
 
         ``noise``: "rician" (needs ``sigma``) or "gaussian" (``sigma`` None: from the plain fit's
@@ -273,14 +255,14 @@ class TVRegularisedModel:
         resid = np.zeros(shape)
         resid[mask] = np.sqrt(np.mean((pred.abs().numpy().T - data[mask]) ** 2, axis=1))
         info["slices"] = per_slice
-        return TVFit(t1=t1, pd=pd, b=b, residual=resid, mask=mask, protocol=self.protocol, info=info)
+        return IRFit(t1=t1, pd=pd, b=b, residual=resid, mask=mask, protocol=self.protocol, info=info)
 
 
-def fit_tv(data, protocol: Protocol, tv_weight: float = DEFAULT_TV_WEIGHT, **kw) -> TVFit:
+def fit_tv(data, protocol: Protocol, tv_weight: float = DEFAULT_TV_WEIGHT, **kw) -> IRFit:
     """Shorthand for ``TVRegularisedModel(protocol, tv_weight).fit(data, **kw)``."""
     n_iter = kw.pop("n_iter", 300)
     return TVRegularisedModel(protocol, tv_weight, n_iter).fit(data, **kw)
 
 
-__all__ = ["DEFAULT_TV_WEIGHT", "MAP_WEIGHTS", "TV_EPS", "TVFit", "TVObjective", "TVRegularisedModel",
+__all__ = ["DEFAULT_TV_WEIGHT", "MAP_WEIGHTS", "TV_EPS", "TVObjective", "TVRegularisedModel",
            "negative_log_likelihood", "fit_slice", "fit_tv"]
