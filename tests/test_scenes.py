@@ -69,6 +69,8 @@ def test_splits_use_disjoint_seeds_and_differ():
         S.draw_scene_params("train", 0, "plate")
     with pytest.raises(ValueError):
         S.draw_scene_params("test", 0, "cube")
+    with pytest.raises(ValueError, match="drawn for validation"):
+        S.make_scene(pv, "nist15", "test", 0)  # a scene keeps the name of the half it was drawn in
 
 
 # ------------------------------------------------------------------------------------ parameter ranges
@@ -170,7 +172,7 @@ def test_inner_roi_is_the_sphere_disk_eroded_by_2px_without_partial_volume(proto
         if name not in s.rois:
             continue
         roi = s.rois[name]
-        assert roi.sum() >= S.MIN_ROI_PX
+        assert roi.sum() >= S.MIN_ROI_PX and np.all(s.labels[roi] == k)
         cy = (n - 1) / 2 + (p["shift_mm"][0] + p["sphere_centres_mm"][k - 1][0]) / dy
         cx = (n - 1) / 2 + (p["shift_mm"][1] + p["sphere_centres_mm"][k - 1][1]) / dy
         d = np.hypot(yy - cy, xx - cx)

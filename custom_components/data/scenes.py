@@ -51,7 +51,8 @@ What varies, and the ranges (all drawn per scene unless stated):
   T2-hyperintense lesion has), no spatial variation. A blob replaces what lies beneath by its
   (4 x 4 sub-sampled) area fraction, mixed like every other compartment (PD linear, rates
   PD-weighted). No training scene had such blobs (the wide-T1 objects of the training data sit
-  anywhere, not in WM, and are not limited to this T1 range).
+  anywhere, not in WM, and are not limited to this T1 range). A brain's maps do not depend on the
+  protocol: in nist15 (1.5 T) it keeps the 3 T tissue values, the only table the project has.
 - **Matrix** one of :data:`MATRIX_CHOICES` (probabilities :data:`MATRIX_WEIGHTS`: the mean cost stays
   moderate), square; **FOV** uniform in :data:`PLATE_FOV_MM` (plates) or :data:`BRAIN_FOV_MM` (brains:
   a narrower FOV would cut the head); for plates the FOV's upper end is lowered to matrix x
@@ -186,6 +187,10 @@ class Scene:
             centres).
         truth_mask: (H, W) bool: where ``truth`` is defined (PD > 0; for brains also scalp and bone).
         echo_train_applied: whether echo-train blurring acted (drawn on, and the protocol's ETL > 1).
+        labels: (H, W) int64: plates, k = 1..14 where most of the pixel is sphere k's fluid (the full
+            disk, edge pixels included), 0 elsewhere; brains, the tissue
+            (:class:`custom_components.data.anatomy.Tissue` value) with the largest fraction, lesions
+            not counted.
     """
 
     name: str
@@ -206,6 +211,7 @@ class Scene:
     params: dict
     truth_mask: np.ndarray = field(default=None, repr=False)
     echo_train_applied: bool = False
+    labels: np.ndarray = field(default=None, repr=False)
 
 
 # ------------------------------------------------------------------------------------------- drawing
@@ -474,6 +480,7 @@ def _brain_maps(params: dict) -> dict:
     T = anatomy.Tissue
     brain = probs[T.CSF] + probs[T.GM] + probs[T.WM] + lesion >= 0.5
     return {"T1": t1, "T2": t2, "PD": pd, "probs": probs, "lesion": lesion, "mask": brain, "spacing": spacing,
+            "labels": sl["labels"],
             "lesions_placed": placed, "source_z_mm": float(sl["z_mm"]), "flipped": bool(sl["flipped"])}
 
 
@@ -508,6 +515,9 @@ def make_scene(params: dict, protocol, split: str, index: int, noise_free: bool 
     kind = params["kind"]
     if kind not in KINDS:
         raise ValueError(f"params['kind'] must be one of {KINDS}, got {kind!r}")
+    if params.get("split") != split or int(params.get("index", -1)) != int(index):
+        raise ValueError(f"params were drawn for {params.get('split')} {kind} {params.get('index')}, "
+                         f"not {split} {kind} {index}")
     maps = _plate_maps(params, protocol) if kind == "plate" else _brain_maps(params)
     n = int(params["matrix"])
     bmap = _b_map(params["b_field"], (n, n))
@@ -559,7 +569,8 @@ def make_scene(params: dict, protocol, split: str, index: int, noise_free: bool 
                  rois=rois, roi_t1_s=roi_t1, sigma=0.0 if noise_free else float(params["sigma"]),
                  noise=noise, n_coils=n_coils, snr=math.inf if noise_free else float(params["snr"]),
                  pixel_spacing_mm=tuple(float(s) for s in maps["spacing"]), params=all_params,
-                 truth_mask=out["mask"].numpy(), echo_train_applied=echo_applied)
+                 truth_mask=out["mask"].numpy(), echo_train_applied=echo_applied,
+                 labels=np.asarray(maps["labels"], dtype=np.int64))
 
 
 def robustness_scenes(split: str, n_plates: int = 6, n_brains: int = 3, protocols=("paper", "nist15")) -> list[Scene]:
