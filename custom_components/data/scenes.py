@@ -16,8 +16,8 @@ the halves never share a draw. The training data use ``default_rng([seed, slice,
 and anatomy generators ``default_rng([geometry_seed, slice])`` with seeds 0 (training) and 100003
 (validation); reporting/comparison.py's test slices use 917203 and 917204. None of those is a
 :data:`SPLIT_SEEDS` value, and the brains here take their anatomy from
-``default_rng([SPLIT_SEEDS[split], KIND_CODES["brain"], index, 1])``: 4-word seeds that no training
-generator uses.
+``default_rng([SPLIT_SEEDS[split], KIND_CODES["brain"], index, 1])``, whose first word is none of
+those seeds.
 
 What varies, and the ranges (all drawn per scene unless stated):
 
