@@ -375,6 +375,57 @@ class QMRI:
                               samples=int(samples), ddpm_crop=int(ddpm_crop), data_dir=data, speed=bool(speed))
         print(f"-> {path}")
 
+    def robustness(self, out: str = "docs", split: str = "test", plates: int = 6, brains: int = 3, methods=None,
+                   protocols="paper,nist15", calibration: float | None = None, threads: int = 2):
+        """Map one half of the robustness suite (issue 20) with every method and write OUT/ROBUSTNESS.md
+        (test half) or OUT/ROBUSTNESS_validation.md, a JSON of every number beside it and OUT/figures/.
+
+        Args:
+            out: folder of the report (default docs).
+            split: test (default; only ever reported) or validation (may be looked at while developing).
+            plates, brains: drawn plate and brain scenes, each rendered in every protocol.
+            methods: comma-separated subset of mle, tv, diffusor, diffusor_nodc, diffusor_images, resnet,
+                rim (default: all).
+            protocols: comma-separated protocols every scene is rendered in (default paper,nist15).
+            calibration: factor c applied to the Diffusor's std for the coverage (fitted on the validation
+                half: its report prints it); default none (c = 1).
+            threads: torch threads.
+        """
+        import math
+
+        import torch
+
+        from .io import InputError
+        from .physics.protocol import get_protocol
+        from .reporting.robustness import method_specs, run_robustness
+
+        if split not in ("test", "validation"):
+            raise InputError(f"--split must be test or validation, got {split!r}")
+        plates, brains = _int_flag(plates, "--plates", 0), _int_flag(brains, "--brains", 0)
+        if plates + brains == 0:
+            raise InputError("--plates and --brains are both 0: no scene to map")
+
+        def names(x, flag):
+            v = [p.strip() for p in (x.split(",") if isinstance(x, str) else list(x))] if x is not None else None
+            if v is not None and (not v or not all(isinstance(p, str) and p for p in v)):
+                raise InputError(f"{flag} must be comma-separated names, got {x!r}")
+            return v
+
+        methods, protocols = names(methods, "--methods"), names(protocols, "--protocols")
+        method_specs(methods)
+        for p in protocols:
+            with _user_value("--protocols"):
+                get_protocol(p)
+        if calibration is not None and (isinstance(calibration, bool) or not isinstance(calibration, (int, float))
+                                        or not math.isfinite(calibration) or calibration <= 0):
+            raise InputError(f"--calibration must be a positive number, got {calibration!r}")
+        torch.set_num_threads(_int_flag(threads, "--threads", 1))
+        cmd = "qmri robustness " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["robustness"] else None
+        path = run_robustness(out, split=split, n_plates=plates, n_brains=brains, methods=methods,
+                              protocols=tuple(protocols), calibration=None if calibration is None else float(calibration),
+                              command=cmd)
+        print(f"-> {path}")
+
     def release(self, bundle: str, version: str, note: str, versions: bool = True):
         """Record a new version of a bundle after its configs or weights changed: bump metadata.json's
         version (must go up), put NOTE first in its changelog, record the content hash and (with
