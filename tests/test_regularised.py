@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from scipy import special
+from scipy import optimize, special
 
 from custom_components.cli import main
 from custom_components.io import save_series
@@ -120,6 +120,74 @@ def test_gradient_matches_jacobian_and_finite_differences():
             for f, g in ((obj, g_all), (obj.data_term, g_data)):
                 fd = (f(z + e) - f(z - e)) / (2 * eps)
                 assert float(fd) == pytest.approx(float(g[c, i]), rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("noise", ["rician", "gaussian"])
+def test_closed_form_value_and_gradient_equal_the_torch_objective(noise):
+    """The solver's float64 closed form (value_and_grad) is the same F as the torch reference: equal
+    values, gradient equal to autograd's and to central finite differences of the closed-form F, with
+    the TV on and voxels near the signal null (where |s| has a kink and the Rician NLL is smooth)."""
+    rng = np.random.default_rng(11)
+    h, w, sigma = 5, 6, 0.05
+    mask = np.ones((h, w), bool)
+    mask[0, :2] = mask[3, 4] = False
+    maps = np.stack([rng.uniform(0.2, 2.5, (h, w)), rng.uniform(0.5, 1.0, (h, w)), rng.uniform(1.7, 2.0, (h, w))])
+    maps[0, 2, :] = 0.35 / np.log(2.0)  # null of the first TI (0.35 s) at B = 2
+    maps[2, 2, :] = 2.0
+    y = _rician(maps, sigma, seed=12)
+    obj = TVObjective(y[mask], mask, PROT, sigma, noise, 0.8, np.array([0.05, 0.03, 0.04]), np.array([1.0, 0.25, 4.0]))
+    z = obj.variables(*(m[mask] * rng.uniform(0.95, 1.05, mask.sum()) for m in maps)).requires_grad_(True)
+    f_ref = obj(z)
+    (g_ref,) = torch.autograd.grad(f_ref, z)
+    zn = z.detach().numpy()
+    f, g = obj.value_and_grad(zn)
+    assert f == pytest.approx(float(f_ref.detach()), rel=1e-12)
+    np.testing.assert_allclose(g, g_ref.numpy(), rtol=1e-9, atol=1e-9)
+    eps = 1e-6
+    for c, i in [(0, 0), (0, 13), (1, 5), (2, 9), (2, mask.sum() - 1)]:
+        e = np.zeros_like(zn)
+        e[c, i] = eps
+        fd = (obj.value_and_grad(zn + e)[0] - obj.value_and_grad(zn - e)[0]) / (2 * eps)
+        assert fd == pytest.approx(g[c, i], rel=1e-5, abs=1e-5)
+
+
+def _reference_fit(obj: TVObjective, z0: torch.Tensor, scale, n_iter=300, tol=1e-9):
+    """The previous solver, for comparison: L-BFGS-B on z itself (no preconditioner), F and its
+    gradient by torch autograd. Returns (final F, number of F evaluations)."""
+    shape, count = z0.shape, [0]
+
+    def fun(v):
+        count[0] += 1
+        z = torch.as_tensor(v).reshape(shape).requires_grad_(True)
+        f = obj(z)
+        (g,) = torch.autograd.grad(f, z)
+        return float(f.detach()), g.reshape(-1).numpy()
+
+    v = shape[1]
+    lo = np.concatenate([np.full(v, np.log(0.002) / scale[0]), np.full(2 * v, -np.inf)])
+    hi = np.concatenate([np.full(v, np.log(24.0) / scale[0]), np.full(2 * v, np.inf)])
+    res = optimize.minimize(fun, z0.reshape(-1).numpy(), jac=True, method="L-BFGS-B", bounds=optimize.Bounds(lo, hi),
+                            options={"maxiter": n_iter, "maxcor": 20, "ftol": tol, "gtol": 1e-8})
+    return float(res.fun), count[0]
+
+
+def test_solver_reaches_the_previous_solvers_objective_in_fewer_evaluations(phantom):
+    """On a noisy 32x32 three-region slice (Rician SNR 20): the preconditioned closed-form solver ends
+    at an F no higher than the previous autograd L-BFGS-B's (within 1e-6 relative; the problem is not
+    convex, so both are local minima from the same start), with at most 3/4 of its F evaluations (91 vs
+    151 when written)."""
+    maps, regions, sigma, y, plain, _ = phantom
+    mask = np.ones(y.shape[:2], bool)
+    init = [m for m in (plain.t1, plain.pd, plain.b)]
+    t1, pd, b, info = fit_slice(y, mask, init, PROT, sigma, "rician", tv_weight=1.0)
+    pd_ref = info["pd_ref"]
+    scale = np.array(info["crlb_scale"])
+    obj = TVObjective(y[mask], mask, PROT, sigma, "rician", pd_ref, scale, np.array([1.0, 0.25, 4.0]))
+    f_ref, n_ref = _reference_fit(obj, obj.variables(*(m[mask] for m in init)), scale)
+    f_new = info["objective"][-1]
+    assert f_new == pytest.approx(obj.value_and_grad(obj.variables(t1, pd, b).numpy())[0], rel=1e-12)
+    assert f_new <= f_ref + 1e-6 * abs(f_ref)
+    assert info["evaluations"] <= 0.75 * n_ref
 
 
 def test_cli_tv_maps_and_refuses_a_negative_weight(tmp_path, capsys):

@@ -24,11 +24,20 @@ Objective over the mask voxels v of one slice (x = (log T1, PD / PD_ref, B)):
 - r_c = :data:`MAP_WEIGHTS`: B is smooth in space (the transmit field), so it gets the strongest
   weight; T1 is the map of interest; PD only lightly.
 
-Optimisation: initialised from the plain fit (Rician ML where ``sigma`` is known), scipy's L-BFGS-B
-(gradient by torch autograd, float64; log T1 bounded to 2 ms-24 s) on the CRLB-scaled variables
-x_c / d_c, slice by slice (2D, the image's first two axes). Every iteration decreases F (the line
-search's sufficient-decrease condition); the objective per iteration is kept in ``info``. With ``tv_weight = 0`` the minimiser is the
-plain ML fit (the same likelihood).
+Optimisation: initialised from the plain fit (Rician ML where ``sigma`` is known), scipy's L-BFGS-B on
+the CRLB-scaled variables z_c = x_c / d_c (log T1 bounded to 2 ms-24 s), slice by slice (2D, the image's
+first two axes). F and its gradient are evaluated in float64 numpy in closed form
+(:meth:`TVObjective.value_and_grad`: the analytic Jacobian of the signal model, the Rician score
+I1/I0, phi'), and L-BFGS-B runs on D z, D^2 the diagonal of F's Gauss-Newton curvature at the start
+(:meth:`TVObjective.curvature`; diagonal, so the bound on log T1 stays a box). The torch ``__call__``
+is the reference definition of F (tests: the closed-form gradient equals its autograd gradient and
+finite differences). It stops when an iteration lowers F by less than ``tol`` = 1e-9 relative, or after
+``n_iter`` = 300 iterations. Every iteration decreases F (the line search's sufficient-decrease
+condition); the objective per iteration is kept in ``info``. With ``tv_weight = 0`` the minimiser is
+the plain ML fit (the same likelihood). Against the previous solver (the same L-BFGS-B, unpreconditioned,
+gradient by torch autograd) it needs about half the iterations at a tenth of the cost each, to the same
+F (lower on four of five validation slices, 2.4e-5 relative higher on the fifth: F is not convex;
+docs/physics.md, "The TV-regularised fit").
 
 The default strength :data:`DEFAULT_TV_WEIGHT` was chosen on synthetic validation data only
 (``scripts/tv_validation.py``: brain slices of :func:`custom_components.data.synthesis.brain_scene` with
@@ -42,7 +51,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import optimize
+from scipy import optimize, special
 
 from ..physics.protocol import Protocol
 from ..physics.signal_model import crlb, signed_signal
@@ -95,6 +104,22 @@ class TVObjective:
         m = self.mask
         self.edge_x = m[1:, :] & m[:-1, :]
         self.edge_y = m[:, 1:] & m[:, :-1]
+        # float64 numpy copies for value_and_grad (the solver's closed-form gradient)
+        self._y = np.ascontiguousarray(self.y.numpy().T)  # (N, V)
+        self._ti = np.asarray(protocol.tis, dtype=np.float64)[:, None]
+        rec = protocol.recovery_times_s()
+        rec = None if rec is None else np.asarray(rec, dtype=np.float64)
+        # one exp(-Trec / T1) row serves every image when the recovery time is the same for all
+        self._trec = None if rec is None else (rec[:1, None] if np.all(rec == rec[0]) else rec[:, None])
+        idx = np.full(m.shape, -1, dtype=np.int64)
+        mn = m.numpy()
+        idx[mn] = np.arange(int(mn.sum()))
+        ex, ey = self.edge_x.numpy(), self.edge_y.numpy()
+        # edge (v, w) of neighbouring mask voxels, in the order of tv_term (vertical, then horizontal)
+        self._edge_v = np.concatenate([idx[1:, :][ex], idx[:, 1:][ey]])
+        self._edge_w = np.concatenate([idx[:-1, :][ex], idx[:, :-1][ey]])
+        self._scale = self.scale.numpy()
+        self._lam = self.lam.numpy()
 
     def params(self, z: torch.Tensor) -> torch.Tensor:
         """(T1, PD, B) (3, V) from z."""
@@ -125,6 +150,67 @@ class TVObjective:
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         return self.data_term(z) + self.tv_term(z)
+
+    def _signal_and_jacobian(self, z: np.ndarray):
+        """s (N, V) and ds/dz (3, N, V) in closed form (the Jacobian of signal_model.signed_jacobian
+        times dT1/dz = T1 d_0, dPD/dz = pd_ref d_1, dB/dz = d_2)."""
+        x = z * self._scale[:, None]
+        r1 = np.exp(-x[0])  # 1 / T1
+        pd = x[1] * self.pd_ref
+        b = x[2]
+        e_ti = np.exp(-self._ti * r1)
+        shape = 1.0 - b * e_ti  # s / PD
+        d_u = -b * self._ti * r1 * e_ti  # (ds/dlogT1) / PD
+        d_b = -e_ti  # (ds/dB) / PD
+        if self._trec is not None:
+            e_tr = np.exp(-self._trec * r1)
+            shape = shape + (b - 1.0) * e_tr
+            d_u = d_u + (b - 1.0) * self._trec * r1 * e_tr
+            d_b = d_b + e_tr
+        s = pd * shape
+        jac = (pd * d_u * self._scale[0], shape * (self.pd_ref * self._scale[1]), pd * d_b * self._scale[2])
+        return s, jac
+
+    def value_and_grad(self, z: np.ndarray) -> tuple[float, np.ndarray]:
+        """F(z) and its gradient (3, V) in float64 numpy, in closed form: the data term through the
+        analytic Jacobian, dNLL/ds = (s - y sign(s) I1(k) / I0(k)) / sigma^2 (k = y |s| / sigma^2; Gaussian:
+        (s - y sign(s)) / sigma^2), and phi'(t) = t / sqrt(t^2 + eps^2) on every edge. The same F as
+        ``__call__`` (tested against autograd and finite differences)."""
+        z = np.asarray(z, dtype=np.float64).reshape(3, -1)
+        s, jac = self._signal_and_jacobian(z)
+        y, s2 = self._y, self.sigma**2
+        mu = np.abs(s)
+        f = float(np.sum((y - mu) ** 2)) / (2.0 * s2)
+        if self.noise == "rician":
+            k = y * mu / s2
+            i0 = special.i0e(k)
+            f -= float(np.sum(np.log(i0)))
+            dfds = (s - y * np.sign(s) * (special.i1e(k) / i0)) / s2
+        else:
+            dfds = (s - y * np.sign(s)) / s2
+        g = np.stack([np.sum(dfds * j, axis=0) for j in jac])
+        n = z.shape[1]
+        for c in range(3):
+            if self._lam[c] == 0.0:
+                continue
+            t = z[c, self._edge_v] - z[c, self._edge_w]
+            q = np.sqrt(t * t + TV_EPS**2)
+            f += float(self._lam[c] * np.sum(q - TV_EPS))
+            dq = self._lam[c] * t / q
+            g[c] += np.bincount(self._edge_v, dq, n) - np.bincount(self._edge_w, dq, n)
+        return f, g
+
+    def curvature(self, z: np.ndarray) -> np.ndarray:
+        """(3, V) diagonal of a Gauss-Newton approximation of F's Hessian at z: sum_n (ds_n/dz_c)^2 / sigma^2
+        plus the prior's curvature at a zero jump, lam_c phi''(0) = lam_c / eps per edge; floored at
+        1e-3 x the map's median (voxels without signal). The solver's diagonal preconditioner."""
+        _, jac = self._signal_and_jacobian(np.asarray(z, dtype=np.float64).reshape(3, -1))
+        h = np.stack([np.sum(j * j, axis=0) for j in jac]) / self.sigma**2
+        n = h.shape[1]
+        deg = np.bincount(self._edge_v, minlength=n) + np.bincount(self._edge_w, minlength=n)
+        h = h + self._lam[:, None] * deg[None, :] / TV_EPS
+        med = np.median(h, axis=1, keepdims=True) if n else np.ones((3, 1))
+        return np.maximum(h, 1e-3 * np.where(med > 0, med, 1.0))
 
 
 def _median_crlb(t1, pd, b, protocol: Protocol, sigma: float, pd_ref: float) -> np.ndarray:
@@ -159,28 +245,30 @@ def fit_slice(data: np.ndarray, mask: np.ndarray, init: tuple, protocol: Protoco
     scale = _median_crlb(u0, np.where(pd == 0, pd_ref, pd), b, protocol, sigma, pd_ref)
     lam = float(tv_weight) * np.array([MAP_WEIGHTS["T1"], MAP_WEIGHTS["PD"], MAP_WEIGHTS["B"]])
     obj = TVObjective(np.asarray(data, dtype=float)[mask], mask, protocol, sigma, noise, pd_ref, scale, lam)
-    z0 = obj.variables(t1, pd, b)
+    z0 = obj.variables(t1, pd, b).numpy()
     shape = z0.shape
+    # diagonal preconditioner: L-BFGS-B runs on w = D z, D^2 = F's Gauss-Newton curvature at the start
+    dg = np.sqrt(obj.curvature(z0)).reshape(-1)
+    evaluations = [0]
 
-    def fun(v):
-        z = torch.as_tensor(v).reshape(shape).requires_grad_(True)
-        f = obj(z)
-        (g,) = torch.autograd.grad(f, z)
-        return float(f.detach()), g.reshape(-1).numpy().astype(np.float64)
+    def fun(w):
+        evaluations[0] += 1
+        f, g = obj.value_and_grad(w / dg)
+        return f, g.reshape(-1) / dg
 
-    history = [fun(z0.reshape(-1).numpy())[0]]
-    # log T1 kept in LOG_T1_RANGE (bounds of L-BFGS-B; PD and B free)
-    lo = np.concatenate([np.full(shape[1], LOG_T1_RANGE[0] / scale[0]), np.full(2 * shape[1], -np.inf)])
-    hi = np.concatenate([np.full(shape[1], LOG_T1_RANGE[1] / scale[0]), np.full(2 * shape[1], np.inf)])
-    res = optimize.minimize(fun, z0.reshape(-1).numpy(), jac=True, method="L-BFGS-B",
+    history = [obj.value_and_grad(z0)[0]]
+    # log T1 kept in LOG_T1_RANGE (bounds of L-BFGS-B; PD and B free); a diagonal D keeps them a box
+    lo = np.concatenate([np.full(shape[1], LOG_T1_RANGE[0] / scale[0]), np.full(2 * shape[1], -np.inf)]) * dg
+    hi = np.concatenate([np.full(shape[1], LOG_T1_RANGE[1] / scale[0]), np.full(2 * shape[1], np.inf)]) * dg
+    res = optimize.minimize(fun, z0.reshape(-1) * dg, jac=True, method="L-BFGS-B",
                             bounds=optimize.Bounds(lo, hi),
                             callback=lambda intermediate_result: history.append(float(intermediate_result.fun)),
                             options={"maxiter": int(n_iter), "maxcor": 20, "ftol": tol, "gtol": 1e-8})
-    z = torch.as_tensor(res.x).reshape(shape)
+    z = torch.as_tensor(np.minimum(np.maximum(res.x, lo), hi) / dg).reshape(shape)
     with torch.no_grad():
         p = obj.params(z).numpy()
-    info = {"objective": history, "iterations": len(history) - 1, "crlb_scale": scale.tolist(),
-            "pd_ref": pd_ref}
+    info = {"objective": history, "iterations": len(history) - 1, "evaluations": evaluations[0],
+            "crlb_scale": scale.tolist(), "pd_ref": pd_ref}
     return p[0], np.abs(p[1]), p[2], info
 
 
