@@ -136,7 +136,7 @@ class QMRI:
             samples: int | None = None, steps: int | None = None, sampler: str | None = None,
             symmetry: str | None = None, seed: int | None = None, device: str = "cpu", bundle: str | None = None, weights: str | None = None,
             variant: str | None = None, quiet: bool = False, bids: bool = False, subject: str | None = None, session: str | None = None,
-            tv_weight: float | None = None):
+            tv_weight: float | None = None, dc: float | None = None):
         """Map T1 (s), PD and inversion efficiency B from an IR series; write NIfTI maps with JSON sidecars.
 
         Args:
@@ -160,7 +160,8 @@ class QMRI:
             etl: echo train length (echoes per excitation); replaces the header's EchoTrainLength.
             noise: rician (one coil) or ncchi (root-sum-of-squares of --n_coils coils) for mle.
             n_coils: coils of the RSS combination (noise ncchi).
-            sigma: noise std per channel (mle, rim); default: estimated from the background.
+            sigma: noise std per channel (mle, tv, rim, the diffusor's data-consistency); default: estimated
+                from the background.
             overwrite: allow writing into an existing non-empty output folder.
             samples: diffusor ensemble size (default 10, the paper).
             steps: diffusor network evaluations per sample with the few-step sampler.
@@ -186,6 +187,11 @@ class QMRI:
             tv_weight: --method tv (the fit with a total-variation prior on each slice): the prior's
                 strength, >= 0, in log-likelihood units per jump of one Cramér-Rao bound (default 1;
                 0: the plain ML fit; docs/physics.md).
+            dc: diffusor: strength of the data-consistency step at every sampler step (the relative
+                width of the prior around the network's estimate; 0: off; default: the bundle's,
+                bundles/diffusor/docs/README.md "Data-consistency"). The step moves each estimate toward
+                the images through the signal model and the --noise/--n_coils noise model, with --sigma or
+                the background's noise level (no background and no --sigma: skipped, as the sidecar says).
         """
         from .io import load_nifti_map, load_series
         from .mapping import map_series, output_arrays, sidecars_for
@@ -202,6 +208,16 @@ class QMRI:
             if isinstance(tv_weight, bool) or not isinstance(tv_weight, (int, float)) or not math.isfinite(tv_weight) \
                     or tv_weight < 0:
                 raise InputError(f"--tv_weight must be a number >= 0, got {tv_weight!r}")
+
+        if dc is not None:
+            import math
+
+            from .io import InputError
+
+            if method != "diffusor":
+                raise InputError(f"--dc applies to --method diffusor only, not to {method}")
+            if isinstance(dc, bool) or not isinstance(dc, (int, float)) or not math.isfinite(dc) or dc < 0:
+                raise InputError(f"--dc must be a number >= 0, got {dc!r}")
 
         series = load_series(input, tis=_floats(tis, "--tis"), tr=(None if tr is None else (lambda v: v[0] if len(v) == 1 else v)(_floats(tr, "--tr"))),
                              echo_spacing=_one(echo_spacing, "--echo_spacing"), etl=_one(etl, "--etl"))
@@ -223,7 +239,8 @@ class QMRI:
         res = map_series(series, method=method, mask=m, noise=noise, n_coils=int(n_coils), sigma=sigma, progress=not quiet,
                          samples=samples, steps=steps, seed=seed, sampler=sampler, symmetry=symmetry, device=device,
                          bundle_dir=bundle, weights=weights, variant=variant,
-                         **({} if tv_weight is None else {"tv_weight": float(tv_weight)}))
+                         **({} if tv_weight is None else {"tv_weight": float(tv_weight)}),
+                         **({} if dc is None else {"dc": float(dc)}))
         if bids:
             written = save_bids_derivatives(out, output_arrays(res), series.affine, sidecars_for(res, series, method),
                                             subject=str(sub), session=None if ses is None else str(ses), method=method,

@@ -184,12 +184,24 @@ def run_info(method: str, network, inferer=None, fit_condition: bool = False) ->
     self-ensemble frames, condition variant), the RIM's steps and likelihood."""
     if method == "diffusor":
         inf = inferer
+        dc = getattr(inf, "data_consistency", None)
         return {"n_samples": inf.n_samples, "sampler": inf.sampler,
                 "network_evaluations_per_sample": inf.network_evaluations, "fit_condition": bool(fit_condition),
-                "fit_residual": bool(getattr(inf, "residual", False)), "seed": inf.seed, "symmetry": inf.symmetry}
+                "fit_residual": bool(getattr(inf, "residual", False)), "seed": inf.seed, "symmetry": inf.symmetry,
+                "data_consistency": dc.describe() if dc is not None else {"strength": 0.0}}
     if method == "rim":
         return {"n_steps": network.n_steps, "likelihood": network.noise}
     return {}
+
+
+def data_consistency(protocol, strength: float, noise: str = "rician", n_coils: int = 1):
+    """The Diffusor inferer's data-consistency step for the bundle configs (``inference.json``'s
+    ``dc_strength``): a :class:`custom_components.methods.data_consistency.DataConsistency` for the
+    protocol (a preset name, a dict or a Protocol), None for strength 0."""
+    from ..methods.data_consistency import DataConsistency
+    from ..physics.protocol import get_protocol
+
+    return DataConsistency(get_protocol(protocol), float(strength), noise, int(n_coils)) if strength else None
 
 
 def background_sigma(data: np.ndarray) -> float | None:
@@ -292,6 +304,26 @@ class BundleMapper:
         from ..bundle.transforms import SliceConditiond
 
         self._conditioner = SliceConditiond(self.fit_condition, self.protocol)  # the bundle's own preprocessing
+        self.dc_strength, self.dc_noise, self.dc_coils = 0.0, "rician", 1
+
+    def set_data_consistency(self, strength: float | None = None, noise: str = "rician", n_coils: int = 1,
+                             protocol=None) -> None:
+        """The Diffusor's data-consistency step (:mod:`custom_components.methods.data_consistency`) for
+        the following :meth:`map_slice` calls: ``strength`` the relative prior width (0: off; None: the
+        bundle config's ``dc_strength``, else the package default), ``noise``/``n_coils`` the noise
+        model, ``protocol`` the series' (None: the bundle's)."""
+        from ..methods.data_consistency import DEFAULT_STRENGTH, NOISE_MODELS, DataConsistency
+
+        if self.method != "diffusor":
+            raise InputError(f"data-consistency applies to the diffusor only, not to {self.method}")
+        if strength is None:
+            strength = self.parser.get_parsed_content("dc_strength") if "dc_strength" in self.parser else DEFAULT_STRENGTH
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not np.isfinite(strength) or strength < 0:
+            raise InputError(f"--dc must be a number >= 0, got {strength!r}")
+        if noise not in NOISE_MODELS:
+            raise InputError(f"--noise must be one of {', '.join(NOISE_MODELS)}, got {noise!r}")
+        self.inferer.data_consistency = (DataConsistency(protocol or self.protocol, float(strength), noise, int(n_coils))
+                                         if strength > 0 else None)
 
     def check_protocol(self, series: IRSeries) -> None:
         """A learned model maps only the protocol it was trained for (re-train for another one).
@@ -311,22 +343,27 @@ class BundleMapper:
     def map_slice(self, images: np.ndarray, sigma: float | None = None, protocol=None) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, H, W) magnitude images -> (T1 s, PD, B) maps (3, H, W) and, for the Diffusor, their
         ensemble std (3, H, W) (None for the deterministic methods). ``sigma``: the noise std of
-        the images (RIM's Rician likelihood; None: unknown). ``protocol``: the series' protocol, whose
+        the images (the RIM's Rician likelihood and the Diffusor's data-consistency step, which is
+        skipped without it; None: unknown). ``protocol``: the series' protocol, whose
         TR defines the output convention (:func:`decode_prediction`; None: the bundle's)."""
         from ..methods.scaling import signal_scale
 
         img = torch.as_tensor(np.asarray(images, dtype=np.float32))[None]  # one slice: (1, N, H, W)
         s = signal_scale(img)
         cond = self._conditioner({"image": img, "scale": s})["cond"][0][None].to(self.device)
+        if protocol is None:
+            protocol = self.network.protocol if self.method == "rim" else self.protocol
         if self.method == "diffusor":
-            pred = self.inferer(cond, self.network)
+            dc = self.inferer.data_consistency
+            if dc is not None and dc.protocol is not protocol and protocol is not None:
+                self.set_data_consistency(dc.strength, dc.noise, dc.n_coils, protocol)
+            dc_on = dc is not None and sigma is not None and np.isfinite(sigma) and sigma > 0
+            pred = self.inferer(cond, self.network, sigma=(float(sigma) / s) if dc_on else None)
         elif self.method == "rim":
             sig = torch.tensor([float("nan") if sigma is None else float(sigma)]) / s
             pred = self.network(cond, sigma=sig.to(self.device))
         else:
             pred = self.network(cond)
-        if protocol is None:
-            protocol = self.network.protocol if self.method == "rim" else self.protocol
         mean, std = decode_prediction(pred, s, protocol)
         return mean[0].numpy(), (None if std is None else std[0].numpy())
 
@@ -340,7 +377,8 @@ DiffusorMapper = BundleMapper  # the name used before the baselines existed
 def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, method: str = "diffusor", bundle_dir=None,
                            weights=None, samples: int | None = None, steps: int | None = None,
                            sampler: str | None = None, device: str = "cpu", progress: bool = True, sigma=None,
-                           seed: int | None = None, symmetry: str | None = None, variant: str | None = None, **_):
+                           seed: int | None = None, symmetry: str | None = None, variant: str | None = None,
+                           dc: float | None = None, noise: str = "rician", n_coils: int = 1, **_):
     """Map every slice of a series with a trained bundle; returns a :class:`custom_components.mapping.MappingResult`.
 
     ``seed``: the Diffusor's seed of the ensemble's initial noise (None: the bundle's, 0, so
@@ -353,15 +391,18 @@ def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, met
     Diffusor's choice to that kind). Every result's ``info["weights"]`` is :func:`weights_record`
     (file name, sha256, card), which every output sidecar carries.
 
-    For the RIM the noise level is ``sigma`` if given, else estimated from the series' background
-    (if there is none: unknown, and the RIM uses the Gaussian likelihood)."""
+    For the RIM and the Diffusor's data-consistency the noise level is ``sigma`` if given, else
+    estimated from the series' background (if there is none: unknown; the RIM then uses the Gaussian
+    likelihood and the Diffusor runs without data-consistency, which its sidecar says).
+    ``dc``: the Diffusor's data-consistency strength (:mod:`custom_components.methods.data_consistency`;
+    0: off; None: the bundle's default), with the noise model ``noise``/``n_coils`` (as for the fit)."""
     from ..methods.fitting import signal_mask
     from .results import MappingResult
 
     overrides = {k: v for k, v in (("n_samples", samples), ("steps", steps), ("sampler", sampler), ("seed", seed),
                                    ("symmetry", symmetry)) if v is not None}
-    if method != "diffusor" and overrides:
-        raise InputError(f"--samples/--steps/--sampler/--seed/--symmetry apply to the diffusor only, not to {method}")
+    if method != "diffusor" and (overrides or dc is not None):
+        raise InputError(f"--samples/--steps/--sampler/--seed/--symmetry/--dc apply to the diffusor only, not to {method}")
     from ..methods.inferers import SAMPLERS, SYMMETRIES
 
     for flag, value, choices in (("sampler", sampler, SAMPLERS), ("symmetry", symmetry, SYMMETRIES)):
@@ -381,9 +422,25 @@ def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, met
     mapper.check_protocol(series)
     data = series.data  # (X, Y, Z, N)
     info = {"bundle": str(mapper.bundle_dir), **mapper.info(), "weights": weights_record(mapper.weights_path, choice)}
-    if method == "rim":
-        sigma, noise_info = rim_noise_info(data, sigma)
+    if method in ("rim", "diffusor"):
+        if method == "diffusor" and noise == "ncchi" and sigma is None:
+            from ..methods.fitting import estimate_noise_sigma
+
+            try:
+                sigma = estimate_noise_sigma(data, n_coils=int(n_coils))
+                noise_info = {"sigma_source": "estimated from signal-free background", "sigma": float(sigma)}
+            except ValueError:
+                noise_info = {"sigma_source": "unknown (no background)"}
+        else:
+            sigma, noise_info = rim_noise_info(data, sigma)
+            if method == "diffusor" and sigma is None:
+                noise_info["sigma_source"] = "unknown (no background)"
         info.update(noise_info)
+    if method == "diffusor":
+        mapper.set_data_consistency(dc, noise, int(n_coils), series.protocol)
+        info.update(mapper.info())
+        if mapper.inferer.data_consistency is not None and sigma is None:
+            info["data_consistency"] = {"strength": 0.0, "note": "skipped: no noise level (no signal-free background; pass --sigma)"}
     if mask is None:
         mask = signal_mask(data)
     shape = data.shape[:3]
@@ -456,4 +513,4 @@ class NoiseSigmad:
 
 __all__ = ["BundleMapper", "decode_prediction", "background_sigma", "DiffusorMapper", "LEARNED_METHODS", "map_series_with_bundle", "map_series_with_diffusor", "VolumePrepareBatch", "SliceBatchInferer", "NoiseSigmad",
            "VARIANTS", "PREFERENCE", "weights_variant", "shipped_weights", "choose_weights", "sha256_of", "weights_record",
-           "run_info", "rim_noise_info"]
+           "run_info", "rim_noise_info", "data_consistency"]

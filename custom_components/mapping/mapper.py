@@ -80,8 +80,9 @@ def _learned(method: str):
     def run(series, mask, **kw):
         from .learned import map_series_with_bundle
 
-        for k in ("noise", "n_coils"):
-            kw.pop(k, None)
+        if method != "diffusor":  # the diffusor's data-consistency step uses the noise model; the others do not
+            for k in ("noise", "n_coils"):
+                kw.pop(k, None)
         return map_series_with_bundle(series, mask, method=method, **kw)
 
     return run

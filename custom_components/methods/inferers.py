@@ -112,8 +112,11 @@ def logsnr_timesteps(alphas_cumprod: torch.Tensor, steps: int) -> np.ndarray:
 
 def ddim_sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T: torch.Tensor,
                 alphas_cumprod: torch.Tensor, steps: int, prediction_type: str = "epsilon", eta: float = 0.0,
-                clip: float | None = 1.0, generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-    """DDIM from x_T with ``steps`` network evaluations (see module doc). ``model(x_t, t)`` -> output."""
+                clip: float | None = 1.0, generator: torch.Generator | None = None, progress: bool = False,
+                x0_hook: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """DDIM from x_T with ``steps`` network evaluations (see module doc). ``model(x_t, t)`` -> output.
+    ``x0_hook``: applied to every step's x0 estimate after the clip (data-consistency), before eps is
+    re-derived from it."""
     abar = alphas_cumprod.to(device=x_T.device, dtype=torch.float64)
     ts = ddim_timesteps(len(abar), steps)
     x = x_T
@@ -128,6 +131,9 @@ def ddim_sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T
         x0, eps = to_x0_eps(out, x, a_t, prediction_type)
         if clip is not None:
             x0 = x0.clamp(-clip, clip)
+        if x0_hook is not None:
+            x0 = x0_hook(x0)
+        if clip is not None or x0_hook is not None:
             eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
         a_s = abar[int(ts[i + 1])].to(x.dtype) if i + 1 < len(ts) else torch.ones((), dtype=x.dtype, device=x.device)
         sigma = eta * ((1 - a_s) / (1 - a_t)).sqrt() * (1 - a_t / a_s).sqrt() if eta > 0 else torch.zeros((), dtype=x.dtype)
@@ -139,8 +145,10 @@ def ddim_sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T
 
 def dpmpp2m_sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T: torch.Tensor,
                    alphas_cumprod: torch.Tensor, steps: int, prediction_type: str = "epsilon",
-                   clip: float | None = 1.0, progress: bool = False) -> torch.Tensor:
-    """DPM-Solver++(2M) on a log-SNR grid, ``steps`` network evaluations (see module doc)."""
+                   clip: float | None = 1.0, progress: bool = False,
+                   x0_hook: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M) on a log-SNR grid, ``steps`` network evaluations (see module doc); ``x0_hook``
+    is applied to every step's x0 estimate after the clip (data-consistency), the last one included."""
     abar = alphas_cumprod.to(device=x_T.device, dtype=torch.float64)
     lam = logsnr(abar)
     ts = logsnr_timesteps(abar, steps)
@@ -157,6 +165,8 @@ def dpmpp2m_sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
         x0, _ = to_x0_eps(out, x, a_t, prediction_type)
         if clip is not None:
             x0 = x0.clamp(-clip, clip)
+        if x0_hook is not None:
+            x0 = x0_hook(x0)
         if i + 1 == len(ts):
             return x0
         s = int(ts[i + 1])
@@ -172,8 +182,10 @@ def dpmpp2m_sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
 
 
 def ddpm_sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T: torch.Tensor, scheduler: DDPMScheduler,
-                clip: float | None = 1.0, generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-    """The full ancestral DDPM chain (T network evaluations), x0 clipped to [-clip, clip] at each step."""
+                clip: float | None = 1.0, generator: torch.Generator | None = None, progress: bool = False,
+                x0_hook: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The full ancestral DDPM chain (T network evaluations), x0 clipped to [-clip, clip] at each step,
+    then passed through ``x0_hook`` (data-consistency) before the posterior mean is formed."""
     abar = scheduler.alphas_cumprod.to(x_T.device)
     betas = scheduler.betas.to(x_T.device)
     alphas = scheduler.alphas.to(x_T.device)
@@ -189,6 +201,8 @@ def ddpm_sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T
         x0, _ = to_x0_eps(out, x, a_t, scheduler.prediction_type)
         if clip is not None:
             x0 = x0.clamp(-clip, clip)
+        if x0_hook is not None:
+            x0 = x0_hook(x0)
         a_prev = abar[t - 1].to(x.dtype) if t > 0 else torch.ones((), dtype=x.dtype, device=x.device)
         # posterior q(x_{t-1} | x_t, x0) (Ho et al. eq. 7)
         c0 = a_prev.sqrt() * betas[t] / (1 - a_t)
@@ -276,12 +290,18 @@ class EnsembleDDPMInferer(Inferer):
             averages part of them out and the std includes them (a self-ensemble). Costs nothing
             extra: the same number of network evaluations. The initial noise is drawn in the input's
             frame, so "none" gives exactly the samples of earlier versions.
+        data_consistency: a :class:`custom_components.methods.data_consistency.DataConsistency` (or None):
+            at every step of the sampler, each member's x0 estimate (for a residual model: the fit plus
+            the residual's estimate) is moved toward the measured images (the first ``n_images``
+            condition channels) by its proximal step; needs the noise std ``sigma`` at call time
+            (``inferer(cond, network, sigma=...)``, one value per input in the units of the scaled
+            images). Without a finite positive sigma the step is skipped.
     """
 
     def __init__(self, scheduler: DDPMScheduler, n_samples: int = 10, sampler: str = "dpm++2m", steps: int = 20,
                  eta: float = 0.0, clip: float | None = 1.0, max_batch: int | None = None, seed: int | None = 0,
                  autocast_dtype: torch.dtype | str | None = None, progress: bool = False, pad_multiple: int = 4,
-                 residual: bool = False, symmetry: str = "none"):
+                 residual: bool = False, symmetry: str = "none", data_consistency=None):
         super().__init__()
         member_frames(1, symmetry)  # a bad value fails here
         if sampler not in SAMPLERS:
@@ -302,6 +322,7 @@ class EnsembleDDPMInferer(Inferer):
         self.pad_multiple = pad_multiple
         self.residual = bool(residual)
         self.symmetry = symmetry
+        self.data_consistency = data_consistency
 
     @property
     def network_evaluations(self) -> int:
@@ -322,8 +343,31 @@ class EnsembleDDPMInferer(Inferer):
             return network(inp, timesteps=t)
         return fn
 
+    def _hook(self, cond: torch.Tensor, sigma: torch.Tensor | None):
+        """The data-consistency step for members with condition ``cond`` (frame-transformed; the step is
+        voxel-wise, so it commutes with the frames) and noise std ``sigma`` (one per member), or None."""
+        dc = self.data_consistency
+        if dc is None or sigma is None or getattr(dc, "strength", 1.0) == 0:
+            return None
+        if not bool(torch.isfinite(sigma).all()) or not bool((sigma > 0).all()):
+            return None
+        n_img = len(dc.tis)
+        images = cond[:, :n_img]
+        fit = cond[:, -3:] if self.residual else None
+        clip = self.clip
+
+        def hook(x0):
+            full = x0 if fit is None else x0 + fit
+            if clip is not None:
+                full = full.clamp(-clip, clip)
+            full = dc(full, images, sigma)
+            if clip is not None:
+                full = full.clamp(-clip, clip)
+            return full if fit is None else full - fit
+        return hook
+
     @torch.no_grad()
-    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, sigma=None, **kwargs: Any) -> torch.Tensor:
         cond, (h, w) = _pad_to(inputs, self.pad_multiple)
         b = cond.shape[0]
         s = self.n_samples
@@ -334,6 +378,10 @@ class EnsembleDDPMInferer(Inferer):
         out = torch.empty_like(x_T)
         frames = member_frames(s, self.symmetry)
         clip = None if self.clip is None else (2 * self.clip if self.residual else self.clip)
+        sig_rep = None
+        if sigma is not None:
+            sig = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)
+            sig_rep = (sig.expand(b) if sig.numel() == 1 else sig).repeat_interleave(s)
         for frame in sorted(set(frames)):
             # every member of every input that is drawn in this frame, batched together
             idx = torch.tensor([i * s + j for i in range(b) for j in range(s) if frames[j] == frame], device=cond.device)
@@ -343,15 +391,17 @@ class EnsembleDDPMInferer(Inferer):
             res = []
             for i in range(0, len(idx), chunk):
                 fn = self._model_fn(network, cond_f[i:i + chunk])
+                hook = self._hook(cond_f[i:i + chunk], None if sig_rep is None else sig_rep[idx[i:i + chunk].cpu()])
                 if self.sampler == "ddpm":
-                    x0 = ddpm_sample(fn, x_f[i:i + chunk], self.scheduler, clip=clip, generator=gen, progress=self.progress)
+                    x0 = ddpm_sample(fn, x_f[i:i + chunk], self.scheduler, clip=clip, generator=gen, progress=self.progress,
+                                     x0_hook=hook)
                 elif self.sampler == "dpm++2m":
                     x0 = dpmpp2m_sample(fn, x_f[i:i + chunk], self.scheduler.alphas_cumprod, self.steps,
-                                        self.scheduler.prediction_type, clip=clip, progress=self.progress)
+                                        self.scheduler.prediction_type, clip=clip, progress=self.progress, x0_hook=hook)
                 else:
                     x0 = ddim_sample(fn, x_f[i:i + chunk], self.scheduler.alphas_cumprod, self.steps,
                                      self.scheduler.prediction_type, eta=self.eta, clip=clip, generator=gen,
-                                     progress=self.progress)
+                                     progress=self.progress, x0_hook=hook)
                 res.append(x0)
             out[idx] = frame_transform(torch.cat(res), frame, inverse=True)
         if self.residual:

@@ -1,0 +1,217 @@
+"""Physics data-consistency for the Diffusor's samplers: a per-voxel proximal Gauss-Newton step.
+
+At every step of a sampler the network gives an estimate x0_hat of the clean maps (the posterior
+mean of the step). :class:`DataConsistency` moves it toward the measured images through the exact
+signal model and the magnitude noise model, as in DiffPIR (Zhu et al. 2023) and the decomposed
+diffusion sampler (Chung et al. 2024), but voxel by voxel, because the forward operator of T1
+mapping is voxel-wise:
+
+    q* = argmin_q  sum_n NLL(y_n | |s_n(q)|, sigma) + 1/2 sum_k ((q_k - q0_k) / delta_k)^2
+
+with q = (a, c, u) = (PD, PD B, log T1), q0 the network's estimate and the prior widths
+
+    delta_u = w,   delta_a = w a0',   delta_c = 2 w a0',   a0' = max(a0, sigma)
+
+(``w`` = the ``strength``: the network's estimate is trusted to within a relative std w in T1, PD and
+PD B; 2 a0 is the scale of PD B for B <= 2). ``w = 0`` leaves x0_hat unchanged (no data-consistency);
+``w -> inf`` gives the per-voxel maximum-likelihood fit started from the network's estimate (whose
+polarity, the sign of each image's signal, it then keeps). In between, for a voxel whose data
+determine T1 to a relative CRLB r, the result is about the precision-weighted mean of the network's
+value and the ML value, with weight r^2 / (r^2 + w^2) on the network: its bias is cut by that factor
+and the noise of the ML value is shrunk by w^2 / (r^2 + w^2).
+
+Signal model: the training labels' own model (:func:`custom_components.data.synthesis.labels_are_apparent`):
+for a constant finite TR the labels are apparent parameters of the full-recovery model, which
+reproduces the finite-TR signal exactly (s_n = a - c e^{-TI_n/T1}); otherwise (full recovery, or TR
+that varies between images) s_n = a (1 - e^{-Trec_n/T1}) + c (e^{-Trec_n/T1} - e^{-TI_n/T1}) with
+Trec_n = TR_n - readout (the echo train's readout duration, :meth:`Protocol.recovery_times_s`). Echo-train
+T2 blurring along the phase-encoding axis is a spatial effect, not part of this voxel-wise model.
+
+Noise model: Rician (one coil) or noncentral chi (root-sum-of-squares of ``n_coils``), sigma the std
+per channel (from the image background, or given). The likelihood is handled by majorize-minimize, as
+in the classical fit (:mod:`custom_components.methods.fitting`): the data are replaced by
+y I_n(z) / I_{n-1}(z), z = y |s| / sigma^2 at the network's estimate (with its polarity), and
+``n_iter`` Gauss-Newton steps solve the resulting least-squares problem with the prior, each kept only
+where it lowers that cost (a rejected step is retried at a quarter of its length). One majorization per call: the sampler's next step majorizes again at its
+own estimate, so over the steps of a sampler the majorize-minimize iteration goes on. Voxels whose maximum over inversion times is below
+``min_snr`` x sigma (background) are left as the network gave them.
+
+Everything is in the network's space at the boundary (y = 2 tanh(x) - 1 of
+:mod:`custom_components.methods.scaling`) with images divided by the signal scale, so PD is in the
+units of the scaled images and the signal scale cancels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import special
+
+from ..physics.protocol import Protocol
+
+#: The default strength (relative prior width) of ``qmri map --method diffusor``: see
+#: bundles/diffusor/docs/README.md, "Data-consistency", for how it was chosen (validation half only).
+DEFAULT_STRENGTH = 0.05
+LOG_T1_BOUNDS = (np.log(0.002), np.log(24.0))  # s
+NOISE_MODELS = ("rician", "ncchi", "gaussian")
+
+
+def _solve_sym3(h00, h01, h02, h11, h12, h22, b0, b1, b2):
+    """Solve the symmetric positive definite 3x3 systems H x = b voxel-wise by cofactors (torch)."""
+    c00 = h11 * h22 - h12 * h12
+    c01 = h02 * h12 - h01 * h22
+    c02 = h01 * h12 - h02 * h11
+    c11 = h00 * h22 - h02 * h02
+    c12 = h01 * h02 - h00 * h12
+    c22 = h00 * h11 - h01 * h01
+    inv = 1.0 / (h00 * c00 + h01 * c01 + h02 * c02)
+    return ((c00 * b0 + c01 * b1 + c02 * b2) * inv, (c01 * b0 + c11 * b1 + c12 * b2) * inv,
+            (c02 * b0 + c12 * b1 + c22 * b2) * inv)
+
+
+def bessel_ratio(n: int, z: torch.Tensor) -> torch.Tensor:
+    """I_n(z) / I_{n-1}(z) for z >= 0: torch's exponentially scaled Bessel functions for n = 1 (Rician),
+    scipy's for n > 1 (noncentral chi)."""
+    if n == 1:
+        return torch.special.i1e(z) / torch.special.i0e(z).clamp_min(1e-300)
+    zn = z.detach().cpu().numpy()
+    r = special.ive(n, zn) / np.maximum(special.ive(n - 1, zn), 1e-300)
+    return torch.from_numpy(r).to(z)
+
+
+class DataConsistency:
+    """The proximal data-consistency step (module doc) for one protocol.
+
+    Args:
+        protocol: the acquisition of the measured images.
+        strength: w, the relative width of the prior around the network's estimate (0: off).
+        noise: "rician", "ncchi" (root-sum-of-squares of ``n_coils``) or "gaussian".
+        n_coils: coils of the noncentral-chi model.
+        n_iter: majorize + Gauss-Newton iterations per call.
+        min_snr: voxels whose maximum image is below min_snr x sigma are left unchanged.
+        labels_apparent: whether the network's labels are apparent parameters of the full-recovery
+            model (None: :func:`custom_components.data.synthesis.labels_are_apparent` of ``protocol``).
+    """
+
+    def __init__(self, protocol: Protocol, strength: float = DEFAULT_STRENGTH, noise: str = "rician",
+                 n_coils: int = 1, n_iter: int = 3, min_snr: float = 5.0, labels_apparent: bool | None = None):
+        if not np.isfinite(strength) or strength < 0:
+            raise ValueError(f"data-consistency strength must be a number >= 0, got {strength!r}")
+        if noise not in NOISE_MODELS:
+            raise ValueError(f"noise must be one of {NOISE_MODELS}, got {noise!r}")
+        if int(n_coils) < 1:
+            raise ValueError(f"n_coils must be at least 1, got {n_coils}")
+        from ..data.synthesis import labels_are_apparent
+
+        self.protocol = protocol
+        self.strength = float(strength)
+        self.noise = noise
+        self.n_coils = int(n_coils) if noise == "ncchi" else 1
+        self.n_iter = int(n_iter)
+        self.min_snr = float(min_snr)
+        self.apparent = labels_are_apparent(protocol) if labels_apparent is None else bool(labels_apparent)
+        self.tis = np.asarray(protocol.tis, dtype=float)
+        self.rec = None if self.apparent else protocol.recovery_times_s()
+
+    # ------------------------------------------------------------------ the voxel-wise model
+    def _basis(self, u: torch.Tensor):
+        """f1, f2 and their derivatives with respect to u = log T1, each (V, N)."""
+        t1 = torch.exp(u)[:, None]
+        tis = torch.as_tensor(self.tis, dtype=u.dtype, device=u.device)
+        e_ti = torch.exp(-tis / t1)
+        d_ti = (tis / t1) * e_ti  # d e_ti / du
+        if self.rec is None:
+            return torch.ones_like(e_ti), -e_ti, torch.zeros_like(e_ti), -d_ti
+        rec = torch.as_tensor(self.rec, dtype=u.dtype, device=u.device)
+        e_rec = torch.exp(-rec / t1)
+        d_rec = (rec / t1) * e_rec
+        return 1.0 - e_rec, e_rec - e_ti, -d_rec, d_rec - d_ti
+
+    def signal(self, q: torch.Tensor) -> torch.Tensor:
+        """Signed signal (V, N) of q = (a, c, u) (V, 3)."""
+        f1, f2, _, _ = self._basis(q[:, 2])
+        return q[:, :1] * f1 + q[:, 1:2] * f2
+
+    def _effective_data(self, y, mu, sigma):
+        """The majorize-minimize data y I_n(z)/I_{n-1}(z), z = y mu / sigma^2 (y itself for Gaussian noise)."""
+        if self.noise == "gaussian":
+            return y
+        return y * bessel_ratio(self.n_coils, y * mu / sigma.clamp_min(1e-12) ** 2)
+
+    def prox(self, q0: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The proximal step for voxels q0 (V, 3) = (a, c, log T1), data y (V, N), sigma (V,) (float64)."""
+        w = self.strength
+        sig = sigma[:, None]
+        a_ref = torch.maximum(q0[:, 0].abs(), sigma)
+        p0, p1, p2 = 1 / (w * a_ref) ** 2, 1 / (2 * w * a_ref) ** 2, torch.full_like(a_ref, 1 / w**2)
+        a, c, u = q0[:, 0].clone(), q0[:, 1].clone(), q0[:, 2].clone()
+        a0, c0, u0 = q0[:, 0], q0[:, 1], q0[:, 2]
+        lo, hi = LOG_T1_BOUNDS
+        basis = self._basis(u)
+        s = a[:, None] * basis[0] + c[:, None] * basis[1]
+        # one majorization at the network's estimate (with its polarity); the sampler's next step
+        # majorizes again at its own estimate
+        y_eff = self._effective_data(y, s.abs(), sig) * torch.where(s < 0, -1.0, 1.0).to(s)
+        r = (s - y_eff) / sig
+        cost = (r**2).sum(1)
+        step = torch.ones_like(a)
+        for _ in range(self.n_iter):
+            f1, f2, d1, d2 = basis
+            j0, j1, j2 = f1 / sig, f2 / sig, (a[:, None] * d1 + c[:, None] * d2) / sig
+            g0 = (j0 * r).sum(1) + p0 * (a - a0)
+            g1 = (j1 * r).sum(1) + p1 * (c - c0)
+            g2 = (j2 * r).sum(1) + p2 * (u - u0)
+            st = _solve_sym3((j0 * j0).sum(1) + p0, (j0 * j1).sum(1), (j0 * j2).sum(1), (j1 * j1).sum(1) + p1,
+                             (j1 * j2).sum(1), (j2 * j2).sum(1) + p2, -g0, -g1, -g2)
+            a2, c2, u2 = a + step * st[0], c + step * st[1], (u + step * st[2]).clamp(lo, hi)
+            basis2 = self._basis(u2)
+            r2 = (a2[:, None] * basis2[0] + c2[:, None] * basis2[1] - y_eff) / sig
+            cost2 = (r2**2).sum(1)
+            better = torch.isfinite(cost2) & (cost2 + p0 * (a2 - a0) ** 2 + p1 * (c2 - c0) ** 2 + p2 * (u2 - u0) ** 2
+                                              <= cost + p0 * (a - a0) ** 2 + p1 * (c - c0) ** 2 + p2 * (u - u0) ** 2)
+            a, c, u = torch.where(better, a2, a), torch.where(better, c2, c), torch.where(better, u2, u)
+            step = torch.where(better, torch.ones_like(step), step * 0.25)  # a rejected step is retried shorter
+            b2 = better[:, None]
+            r, cost = torch.where(b2, r2, r), torch.where(better, cost2, cost)
+            basis = tuple(torch.where(b2, new, old) for new, old in zip(basis2, basis))
+        return torch.stack([a, c, u], dim=1)
+
+    # ------------------------------------------------------------------ network space
+    @torch.no_grad()
+    def __call__(self, x0: torch.Tensor, images: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """x0 (M, 3, H, W) in network space (labels of the scaled images), images (M, N, H, W) divided
+        by the signal scale, sigma (M,) or a number in the same units -> the corrected x0."""
+        if self.strength == 0:
+            return x0
+        from .scaling import decode_maps, encode_maps
+
+        m = x0.shape[0]
+        sig = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(m) if torch.as_tensor(sigma).numel() == 1 \
+            else torch.as_tensor(sigma, dtype=torch.float64).reshape(m)
+        maps = decode_maps(x0.double(), 1.0)  # (M, 3, H, W): T1 s, PD (scaled images' units), B
+        y = images.double()
+        if y.shape[1] != len(self.tis):
+            raise ValueError(f"data-consistency for {len(self.tis)} images got {y.shape[1]}")
+        sig_map = sig[:, None, None].expand(m, *y.shape[-2:])
+        active = (y.amax(dim=1) > self.min_snr * sig_map) & torch.isfinite(sig_map) & (sig_map > 0)
+        if not bool(active.any()):
+            return x0
+        t1, pd, b = (maps[:, k][active] for k in range(3))
+        q0 = torch.stack([pd, pd * b, torch.log(t1.clamp(float(np.exp(LOG_T1_BOUNDS[0])), float(np.exp(LOG_T1_BOUNDS[1]))))], dim=1)
+        q = self.prox(q0, y.permute(0, 2, 3, 1)[active], sig_map[active])
+        a = q[:, 0].clamp_min(1e-12)
+        new = maps.clone()
+        new[:, 0][active] = torch.exp(q[:, 2])
+        new[:, 1][active] = a
+        new[:, 2][active] = (q[:, 1] / a).clamp(0.0, 4.0)
+        out = encode_maps(new, 1.0).to(x0.dtype)
+        return torch.where(active[:, None], out, x0)
+
+    def describe(self) -> dict:
+        """What the output sidecars record about the step."""
+        return {"strength": self.strength, "noise": self.noise, "n_coils": self.n_coils, "iterations": self.n_iter,
+                "model": "apparent full-recovery parameters (constant finite TR)" if self.apparent
+                else "finite TR with the echo train's readout" if self.rec is not None else "full recovery"}
+
+
+__all__ = ["DataConsistency", "DEFAULT_STRENGTH", "NOISE_MODELS"]
