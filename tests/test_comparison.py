@@ -37,8 +37,12 @@ def test_compare_writes_the_report(tmp_path):
     path = run_comparison(out, brain_slices=1, methods=[MethodSpec("mle", "classical fit", "mle")], data_dir=data,
                           speed=True, log=lambda *a: None)
     text = path.read_text()
-    for head in ("## 1.", "### SNR 50", "### SNR 20", "## 2.", "## 3.", "## 4.", "## 5."):
-        assert head in text
+    heads = ["## 1. Real scans", "## 2. Synthetic brains, held out", "## 3. The robustness suite",
+             "## 4. The development scene", "### SNR 50 (where the Diffusor's settings were chosen)", "### SNR 20",
+             "## 5. Uncertainty", "## 6. Speed"]
+    at = [text.find(h) for h in heads]
+    assert min(at) > 0 and at == sorted(at)  # opens with the data nothing was chosen on; the twin later
+    assert "(ROBUSTNESS.md)" in text
     assert (out / "figures" / "twin_snr50.png").stat().st_size > 10_000 and (out / "figures" / "brain.png").exists()
     row = next(line for line in text.splitlines() if line.startswith("| classical fit | ") and " / " in line)
     mean_err, max_err = (float(x) for x in row.split("|")[2].split("/"))
@@ -128,18 +132,66 @@ def test_real_scan_verdict_compares_each_model_with_the_fit_on_the_same_scans():
     assert real_scan_verdict([(a, fit, rows(2.0))]) == ""
 
 
-def test_only_real_scans_replaces_section_4_and_keeps_the_rest(tmp_path, capsys):
+def test_real_scan_verdict_sets_each_model_beside_the_tv_fit_too():
+    """The TV-regularised fit is a baseline (no verdict line of its own); each learned model's line also
+    gives the TV fit's mean error on the scans both mapped and on how many the model beats it."""
+    from custom_components.reporting.comparison import real_scan_verdict
+
+    def rows(err):
+        return [{"sphere": 1, "reference_ms": 1000.0, "mean_ms": 1000.0 * (1 + err / 100), "std_ms": 10.0,
+                 "error_percent": err, "in_vivo_range": True}]
+
+    a, b = Path("/d/site1/plate5"), Path("/d/site2/plate5")
+    fit, tv, net = MethodSpec("mle", "fit", "mle"), MethodSpec("tv", "TV-regularised fit", "tv"), MethodSpec("rim", "RIM", "rim")
+    text = real_scan_verdict([(a, fit, rows(2.0)), (b, fit, rows(-4.0)), (a, tv, rows(1.0)), (b, tv, rows(3.0)),
+                              (a, net, rows(-1.5)), (b, net, rows(10.0))])
+    assert ("RIM: 5.8 % against the fit's 3.0 % on the same 2 scan(s); better than the fit on 1 of them; against the "
+            "TV-regularised fit's 2.0 % (5.8 % on the same 2 scan(s)), better on 0 of them") in text
+    assert "TV-regularised fit:" not in text
+
+
+def test_verdicts_and_tables_compare_with_both_baselines():
+    """Twin verdicts, the twin summary table and the brain verdicts set a learned method beside the
+    plain and the TV-regularised fit; the default methods include the TV fit."""
+    from custom_components.reporting.comparison import brain_verdicts, default_methods
+
+    assert [s.key for s in default_methods()[:2]] == ["mle", "tv"] and default_methods()[1].label == "TV-regularised fit"
+    sel = list(range(3))
+
+    def summ(err, std, short):
+        return {"mean_abs_err": err, "max_abs_err": 2 * err, "std_ms": std, "short_mean_abs_err": short, "in_range": sel}
+
+    specs = [MethodSpec("mle", "fit", "mle"), MethodSpec("tv", "TV fit", "tv"), MethodSpec("d", "Diffusor", "diffusor")]
+    s = {"mle": summ(1.0, [10, 10, 10], 5.0), "tv": summ(3.0, [4, 4, 4], 4.0), "d": summ(2.0, [5, 5, 3], 4.5)}
+    (line,) = verdicts(s, specs)
+    assert line.startswith("- **Diffusor**: in accuracy on the 0.4-2 s spheres it loses to the classical fit (mean abs. error 2.0 % vs 1.0 %")
+    assert ("Against the TV-regularised fit it beats it on the 0.4-2 s spheres (2.0 % vs 3.0 %, max 4.0 % vs 6.0 %), its "
+            "within-sphere std is lower in 1 of 3, and for 0.1-0.4 s it loses to it (4.5 % vs 4.0 %).") in line
+    b = {"mle": {"t1_nrmse": 0.2, "pd_nrmse": 0.1}, "tv": {"t1_nrmse": 0.1, "pd_nrmse": 0.05}, "d": {"t1_nrmse": 0.15, "pd_nrmse": 0.07}}
+    assert brain_verdicts(b, specs) == ["- **Diffusor**: T1 NRMSE 0.150 against the classical fit's 0.200 and the "
+                                        "TV-regularised fit's 0.100; PD NRMSE 0.070 against 0.100 and 0.050: better in "
+                                        "T1 than the classical fit."]
+    tw = twin_case(50.0)
+    res = {k: Result({"T1": tw.truth[0] * f, "PD": tw.truth[1], "B": tw.truth[2]}, 0.0, {}) for k, f in (("mle", 1.0), ("tv", 1.01), ("d", 1.02))}
+    text, _ = phantom_section(tw, res, specs)
+    head = next(line for line in text.splitlines() if line.startswith("| method |"))
+    assert "std below the fit's | 0.4-2 s spheres with a within-sphere std below the TV fit's | seconds" in head
+    row = next(line for line in text.splitlines() if line.startswith("| TV fit | "))
+    assert row.split(" | ")[4] == "-"  # no comparison of the TV fit with itself
+
+
+def test_only_real_scans_replaces_section_1_and_keeps_the_rest(tmp_path, capsys):
     from custom_components.reporting.comparison import update_real_scan_section
 
     report = tmp_path / "RESULTS.md"
-    report.write_text("# R\n\n## 1. Twin\n\nkept 1\n\n## 4. Real scans (old)\n\nold table\n\n## 5. Speed\n\nkept 5\n")
+    report.write_text("# R\n\nkept 0\n\n## 1. Real scans (old)\n\nold table\n\n## 2. Brains\n\nkept 2\n")
     empty = tmp_path / "no_scans"
     empty.mkdir()
     update_real_scan_section(tmp_path, data_dir=empty, methods=[MethodSpec("mle", "fit", "mle")])
     text = report.read_text()
-    assert "old table" not in text and text.count("## 4. Real scans") == 1
-    assert text.startswith("# R\n\n## 1. Twin\n\nkept 1\n\n## 4. Real scans of the NIST phantom")
-    assert text.endswith("## 5. Speed\n\nkept 5\n")
+    assert "old table" not in text and text.count("## 1. Real scans") == 1
+    assert text.startswith("# R\n\nkept 0\n\n## 1. Real scans of the NIST phantom")
+    assert text.endswith("## 2. Brains\n\nkept 2\n")
     assert f"No scan folders under {empty}" in text and "--only real_scans` on " in text
     assert not list(tmp_path.glob("*.tmp"))
     # no report yet, or a wrong --only: one line, nothing written
