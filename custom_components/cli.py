@@ -367,7 +367,7 @@ class QMRI:
             data: folder of the real NIST scans (default ../shared/data/nist_phantom_ir).
             speed: also measure seconds per slice and peak memory in fresh processes.
             threads: torch threads.
-            only: "real_scans": regenerate only section 4 (the real scans) of the existing OUT/RESULTS.md,
+            only: "real_scans": regenerate only section 1 (the real scans) of the existing OUT/RESULTS.md,
                 e.g. after training a model for the scans' protocol; the rest is kept as it is.
         """
         import torch
