@@ -215,6 +215,70 @@ def background_sigma(data: np.ndarray) -> float | None:
         return None
 
 
+def noise_level(method: str, data: np.ndarray, sigma: float | None = None, noise: str = "rician",
+                n_coils: int = 1) -> tuple[float | None, dict]:
+    """The noise std a learned method uses (the RIM's likelihood, the Diffusor's data-consistency):
+    ``sigma`` if given, else from the background of ``data`` (X, Y, Z, N) for the noise model
+    (root-sum-of-squares of ``n_coils`` for "ncchi"), None where there is no background; and what the
+    sidecars say about it. The same for ``qmri map`` and the bundles' inference.json."""
+    if method == "diffusor" and noise == "ncchi" and sigma is None:
+        from ..methods.fitting import estimate_noise_sigma
+
+        try:
+            sigma = estimate_noise_sigma(data, n_coils=int(n_coils))
+            return sigma, {"sigma_source": "estimated from signal-free background", "sigma": float(sigma)}
+        except ValueError:
+            return None, {"sigma_source": "unknown (no background)"}
+    sigma, info = rim_noise_info(data, sigma)
+    if method == "diffusor" and sigma is None:
+        info["sigma_source"] = "unknown (no background)"
+    return sigma, info
+
+
+STD_CALIBRATION_FILE = "std_calibration.json"
+_CALIBRATION_SETTINGS = ("dc_strength", "n_samples", "network_evaluations_per_sample", "sampler", "symmetry")
+
+
+def std_calibration(weights_path, info: dict) -> tuple[float, dict]:
+    """The factor the Diffusor's ensemble std is multiplied by, and what the sidecars say about it.
+
+    ``<weights folder>/std_calibration.json`` (written by ``scripts/dc_validation.py`` from the
+    validation half of the robustness suite; data: numbers and names, checked here) holds, per weights
+    file, the factor c that makes the 1-std coverage of the T1 error 68 % on the validation brains, and
+    the settings it was fitted with (data-consistency strength, ensemble size, network evaluations,
+    sampler, symmetry). c applies only to a run with those very settings (``info`` = :func:`run_info`);
+    otherwise the std is left as the ensemble gives it (factor 1) and the record says why."""
+    path = Path(weights_path).parent / STD_CALIBRATION_FILE
+    name = Path(weights_path).name
+    if not path.exists():
+        return 1.0, {"factor": 1.0, "note": "uncalibrated: no std_calibration.json beside the weights"}
+    try:
+        table = json.loads(path.read_text())
+        entry = table["weights"].get(name) if isinstance(table, dict) and isinstance(table.get("weights"), dict) else None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: not a readable std calibration ({type(e).__name__})") from None
+    if entry is None:
+        return 1.0, {"factor": 1.0, "note": f"uncalibrated: {name} is not in {path.name}"}
+    factor = entry.get("factor") if isinstance(entry, dict) else None
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not np.isfinite(factor) or not 0 < factor < 100:
+        raise InputError(f"{path}: the factor of {name} must be a positive number, got {factor!r}")
+    run = {"dc_strength": (info.get("data_consistency") or {}).get("strength", 0.0),
+           **{k: info.get(k) for k in _CALIBRATION_SETTINGS[1:]}}
+    differ = [k for k in _CALIBRATION_SETTINGS if entry.get(k) != run[k]]
+    if differ:
+        return 1.0, {"factor": 1.0, "note": "uncalibrated: fitted with other settings (" + ", ".join(
+            f"{k} {entry.get(k)!r} there, {run[k]!r} here" for k in differ) + ")"}
+    return float(factor), {"factor": float(factor), "fitted_on": str(entry.get("fitted_on", "")), "file": path.name}
+
+
+def calibrate_std(maps: dict, weights_path, info: dict) -> None:
+    """Multiply the ``*_std`` maps by :func:`std_calibration`'s factor, in place, and record it in ``info``."""
+    factor, record = std_calibration(weights_path, info)
+    for k in [k for k in maps if k.endswith("_std")]:
+        maps[k] = (maps[k] * factor).astype(np.float32)
+    info["std_calibration"] = record
+
+
 def rim_noise_info(data: np.ndarray, sigma: float | None = None) -> tuple[float | None, dict]:
     """The RIM's noise std: ``sigma`` if given, else from the background of ``data`` (X, Y, Z, N)
     (None where there is none: the Gaussian likelihood), and what the sidecars say about it."""
@@ -423,18 +487,7 @@ def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, met
     data = series.data  # (X, Y, Z, N)
     info = {"bundle": str(mapper.bundle_dir), **mapper.info(), "weights": weights_record(mapper.weights_path, choice)}
     if method in ("rim", "diffusor"):
-        if method == "diffusor" and noise == "ncchi" and sigma is None:
-            from ..methods.fitting import estimate_noise_sigma
-
-            try:
-                sigma = estimate_noise_sigma(data, n_coils=int(n_coils))
-                noise_info = {"sigma_source": "estimated from signal-free background", "sigma": float(sigma)}
-            except ValueError:
-                noise_info = {"sigma_source": "unknown (no background)"}
-        else:
-            sigma, noise_info = rim_noise_info(data, sigma)
-            if method == "diffusor" and sigma is None:
-                noise_info["sigma_source"] = "unknown (no background)"
+        sigma, noise_info = noise_level(method, data, sigma, noise, int(n_coils))
         info.update(noise_info)
     if method == "diffusor":
         mapper.set_data_consistency(dc, noise, int(n_coils), series.protocol)
@@ -456,6 +509,8 @@ def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, met
             out[k][:, :, z] = np.where(mask[:, :, z], mean[i], 0)
             if std is not None:
                 out[k + "_std"][:, :, z] = np.where(mask[:, :, z], std[i], 0)
+    if method == "diffusor":
+        calibrate_std(out, mapper.weights_path, info)
     return MappingResult(maps=out, mask=np.asarray(mask, bool), info=info)
 
 
@@ -513,4 +568,4 @@ class NoiseSigmad:
 
 __all__ = ["BundleMapper", "decode_prediction", "background_sigma", "DiffusorMapper", "LEARNED_METHODS", "map_series_with_bundle", "map_series_with_diffusor", "VolumePrepareBatch", "SliceBatchInferer", "NoiseSigmad",
            "VARIANTS", "PREFERENCE", "weights_variant", "shipped_weights", "choose_weights", "sha256_of", "weights_record",
-           "run_info", "rim_noise_info", "data_consistency"]
+           "run_info", "rim_noise_info", "data_consistency", "noise_level", "std_calibration", "calibrate_std"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import IRSeries, save_maps
-from .learned import decode_prediction, rim_noise_info, run_info, weights_record
+from .learned import calibrate_std, decode_prediction, noise_level, run_info, weights_record
 from .mapper import add_consistency_maps
 from .results import FLAG_ALPHA, MappingResult, output_arrays, sidecars_for
 
@@ -50,7 +50,8 @@ class SaveMapsHandler:
         output_dir, overwrite, per_input_folder: where to write.
         method: "diffusor", "resnet" or "rim".
         weights: the weights file the evaluator loaded (the config's ``ckpt_path``), for the sidecars.
-        sigma: the RIM's noise std (None: from the background, as ``qmri map``).
+        sigma: the RIM's noise std and the Diffusor's for its data-consistency (None: from the
+            background, as ``qmri map``).
     """
 
     def __init__(self, output_dir: str, method: str = "diffusor", overwrite: bool = False,
@@ -91,11 +92,19 @@ class SaveMapsHandler:
         fit_condition = int(batch["cond"][0].shape[1]) > prot.n_images  # the classical fit is in the condition
         info = run_info(self.method, engine.network, engine.inferer, fit_condition)
         sigma = None
-        if self.method == "rim":
-            sigma, noise_info = rim_noise_info(series.data, self.sigma)
+        if self.method in ("rim", "diffusor"):
+            dc = getattr(engine.inferer, "data_consistency", None)
+            sigma, noise_info = noise_level(self.method, series.data, self.sigma,
+                                            dc.noise if dc is not None else "rician", dc.n_coils if dc is not None else 1)
             info.update(noise_info)
+            if dc is not None and sigma is None:
+                info["data_consistency"] = {"strength": 0.0, "note": "skipped: no noise level (no signal-free background; pass --sigma)"}
+            if self.method == "diffusor":
+                sigma = self.sigma  # as qmri map: the Diffusor's flag map uses a given sigma only
         if self.weights is not None:
             info["weights"] = weights_record(self.weights, "the bundle config's ckpt_path")
+        if self.method == "diffusor" and self.weights is not None:
+            calibrate_std(maps, self.weights, info)
         res = finish_result(MappingResult(maps=maps, mask=np.transpose(mask, (1, 2, 0)), info=info), series,
                             self.method, sigma=sigma)
         out = self.output_dir / Path(source).name.split(".")[0] if self.per_input_folder else self.output_dir

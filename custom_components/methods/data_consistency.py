@@ -91,10 +91,13 @@ class DataConsistency:
         min_snr: voxels whose maximum image is below min_snr x sigma are left unchanged.
         labels_apparent: whether the network's labels are apparent parameters of the full-recovery
             model (None: :func:`custom_components.data.synthesis.labels_are_apparent` of ``protocol``).
+        dtype: of the computation (float32: the network's precision and half the memory traffic of
+            float64; the step is a few Gauss-Newton iterations on a regularised 3-parameter problem).
     """
 
     def __init__(self, protocol: Protocol, strength: float = DEFAULT_STRENGTH, noise: str = "rician",
-                 n_coils: int = 1, n_iter: int = 3, min_snr: float = 5.0, labels_apparent: bool | None = None):
+                 n_coils: int = 1, n_iter: int = 2, min_snr: float = 5.0, labels_apparent: bool | None = None,
+                 dtype: torch.dtype = torch.float32):
         if not np.isfinite(strength) or strength < 0:
             raise ValueError(f"data-consistency strength must be a number >= 0, got {strength!r}")
         if noise not in NOISE_MODELS:
@@ -108,6 +111,7 @@ class DataConsistency:
         self.noise = noise
         self.n_coils = int(n_coils) if noise == "ncchi" else 1
         self.n_iter = int(n_iter)
+        self.dtype = dtype
         self.min_snr = float(min_snr)
         self.apparent = labels_are_apparent(protocol) if labels_apparent is None else bool(labels_apparent)
         self.tis = np.asarray(protocol.tis, dtype=float)
@@ -139,42 +143,46 @@ class DataConsistency:
         return y * bessel_ratio(self.n_coils, y * mu / sigma.clamp_min(1e-12) ** 2)
 
     def prox(self, q0: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """The proximal step for voxels q0 (V, 3) = (a, c, log T1), data y (V, N), sigma (V,) (float64)."""
+        """The proximal step for voxels q0 (V, 3) = (a, c, log T1), data y (V, N), sigma (V,), computed in
+        the dtype of ``q0`` (the sampler uses float32; tests float64)."""
         w = self.strength
-        sig = sigma[:, None]
-        a_ref = torch.maximum(q0[:, 0].abs(), sigma)
+        sig = sigma.to(q0)[:, None]
+        y = y.to(q0)
+        a_ref = torch.maximum(q0[:, 0].abs(), sig[:, 0]) / sig[:, 0]
+        # in units of sigma: a, c and the data divided by sigma, so the cost is sum r^2 + prior
         p0, p1, p2 = 1 / (w * a_ref) ** 2, 1 / (2 * w * a_ref) ** 2, torch.full_like(a_ref, 1 / w**2)
-        a, c, u = q0[:, 0].clone(), q0[:, 1].clone(), q0[:, 2].clone()
-        a0, c0, u0 = q0[:, 0], q0[:, 1], q0[:, 2]
+        a0, c0, u0 = q0[:, 0] / sig[:, 0], q0[:, 1] / sig[:, 0], q0[:, 2]
+        a, c, u = a0, c0, u0
         lo, hi = LOG_T1_BOUNDS
-        basis = self._basis(u)
-        s = a[:, None] * basis[0] + c[:, None] * basis[1]
+        f1, f2, d1, d2 = self._basis(u)
+        s = a[:, None] * f1 + c[:, None] * f2
         # one majorization at the network's estimate (with its polarity); the sampler's next step
         # majorizes again at its own estimate
-        y_eff = self._effective_data(y, s.abs(), sig) * torch.where(s < 0, -1.0, 1.0).to(s)
-        r = (s - y_eff) / sig
-        cost = (r**2).sum(1)
+        ys = self._effective_data(y, s.abs() * sig, sig) * torch.where(s < 0, -1.0, 1.0).to(s) / sig
+        r = s - ys
+        cost = (r * r).sum(1)
         step = torch.ones_like(a)
-        for _ in range(self.n_iter):
-            f1, f2, d1, d2 = basis
-            j0, j1, j2 = f1 / sig, f2 / sig, (a[:, None] * d1 + c[:, None] * d2) / sig
-            g0 = (j0 * r).sum(1) + p0 * (a - a0)
-            g1 = (j1 * r).sum(1) + p1 * (c - c0)
+        for it in range(self.n_iter):
+            j2 = a[:, None] * d1 + c[:, None] * d2
+            g0 = (f1 * r).sum(1) + p0 * (a - a0)
+            g1 = (f2 * r).sum(1) + p1 * (c - c0)
             g2 = (j2 * r).sum(1) + p2 * (u - u0)
-            st = _solve_sym3((j0 * j0).sum(1) + p0, (j0 * j1).sum(1), (j0 * j2).sum(1), (j1 * j1).sum(1) + p1,
-                             (j1 * j2).sum(1), (j2 * j2).sum(1) + p2, -g0, -g1, -g2)
+            st = _solve_sym3((f1 * f1).sum(1) + p0, (f1 * f2).sum(1), (f1 * j2).sum(1), (f2 * f2).sum(1) + p1,
+                             (f2 * j2).sum(1), (j2 * j2).sum(1) + p2, -g0, -g1, -g2)
             a2, c2, u2 = a + step * st[0], c + step * st[1], (u + step * st[2]).clamp(lo, hi)
-            basis2 = self._basis(u2)
-            r2 = (a2[:, None] * basis2[0] + c2[:, None] * basis2[1] - y_eff) / sig
-            cost2 = (r2**2).sum(1)
+            b2 = self._basis(u2)
+            r2 = a2[:, None] * b2[0] + c2[:, None] * b2[1] - ys
+            cost2 = (r2 * r2).sum(1)
             better = torch.isfinite(cost2) & (cost2 + p0 * (a2 - a0) ** 2 + p1 * (c2 - c0) ** 2 + p2 * (u2 - u0) ** 2
                                               <= cost + p0 * (a - a0) ** 2 + p1 * (c - c0) ** 2 + p2 * (u - u0) ** 2)
             a, c, u = torch.where(better, a2, a), torch.where(better, c2, c), torch.where(better, u2, u)
+            if it + 1 == self.n_iter:
+                break
             step = torch.where(better, torch.ones_like(step), step * 0.25)  # a rejected step is retried shorter
-            b2 = better[:, None]
-            r, cost = torch.where(b2, r2, r), torch.where(better, cost2, cost)
-            basis = tuple(torch.where(b2, new, old) for new, old in zip(basis2, basis))
-        return torch.stack([a, c, u], dim=1)
+            bb = better[:, None]
+            r, cost = torch.where(bb, r2, r), torch.where(better, cost2, cost)
+            f1, f2, d1, d2 = (torch.where(bb, new, old) for new, old in zip(b2, (f1, f2, d1, d2)))
+        return torch.stack([a * sig[:, 0], c * sig[:, 0], u], dim=1)
 
     # ------------------------------------------------------------------ network space
     @torch.no_grad()
@@ -186,10 +194,10 @@ class DataConsistency:
         from .scaling import decode_maps, encode_maps
 
         m = x0.shape[0]
-        sig = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(m) if torch.as_tensor(sigma).numel() == 1 \
-            else torch.as_tensor(sigma, dtype=torch.float64).reshape(m)
-        maps = decode_maps(x0.double(), 1.0)  # (M, 3, H, W): T1 s, PD (scaled images' units), B
-        y = images.double()
+        sig = torch.as_tensor(sigma, dtype=self.dtype).reshape(-1).expand(m) if torch.as_tensor(sigma).numel() == 1 \
+            else torch.as_tensor(sigma, dtype=self.dtype).reshape(m)
+        maps = decode_maps(x0.to(self.dtype), 1.0)  # (M, 3, H, W): T1 s, PD (scaled images' units), B
+        y = images.to(self.dtype)
         if y.shape[1] != len(self.tis):
             raise ValueError(f"data-consistency for {len(self.tis)} images got {y.shape[1]}")
         sig_map = sig[:, None, None].expand(m, *y.shape[-2:])
