@@ -71,6 +71,19 @@ def test_tv_lowers_t1_rmse_and_keeps_region_means(phantom):
         assert abs(tv.t1[r].mean() - truth) < 0.02 * truth
 
 
+def test_inner_regions_less_noisy_at_no_larger_bias(phantom):
+    """Away from the edges (2 px) of each piecewise-constant region: the TV fit's within-region T1 std
+    is under a quarter of the plain fit's, and its bias is no larger than the plain fit's, or within two
+    standard errors of the plain fit's region mean (std / sqrt(n): the bias a plain fit cannot resolve)."""
+    maps, _, sigma, y, plain, tv = phantom
+    w = maps.shape[2]
+    for r in (np.s_[:, 2: w // 3 - 2], np.s_[:, w // 3 + 2: 2 * w // 3 - 2], np.s_[:, 2 * w // 3 + 2:]):
+        truth = maps[0][r].mean()
+        assert tv.t1[r].std() < 0.25 * plain.t1[r].std()
+        se = plain.t1[r].std() / np.sqrt(plain.t1[r].size)
+        assert abs(tv.t1[r].mean() - truth) <= max(abs(plain.t1[r].mean() - truth), 2 * se)
+
+
 def test_constant_b_recovered_more_precisely(phantom):
     maps, regions, sigma, y, plain, tv = phantom
     assert tv.b.std() < 0.25 * plain.b.std()
