@@ -6,6 +6,7 @@
     qmri report T1MAP [--plate T1] [--field 3] [--version 2] [--out table.md]
     qmri crlb [--protocol paper] [--t1 0.2,0.5,1,2] [--snr 20,50,100]
     qmri compare [--out docs]
+    qmri robustness [--out docs] [--split test|validation] [--plates 6] [--brains 3] [--methods mle,tv,...]
     qmri release BUNDLE --version X.Y.Z --note TEXT;  qmri pack BUNDLE [--out dist];  qmri unpack ZIP [--bundle_dir D]
 
 Every command prints one line ``qmri: error: ...`` and exits with status 2 on bad input, leaving
@@ -352,7 +353,7 @@ class QMRI:
             _write_files_atomically([(Path(out), lambda t: t.write_text(text + "\n"))], str(out))
         print(text)
 
-    def compare(self, out: str = "docs", brain_slices: int = 4, low_snr: float = 20.0, samples: int = 10, steps: int = 20,
+    def compare(self, out: str = "docs", brain_slices: int = 4, low_snr: float = 20.0, samples: int = 10, steps: int = 10,
                 ddpm_crop: int = 40, data: str | None = None, speed: bool = True, threads: int = 2,
                 only: str | None = None):
         """Map the same data with every method (classical fit, ResNet, RIM, both Diffusors; shipped weights)
