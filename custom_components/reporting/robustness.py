@@ -283,6 +283,7 @@ def run_robustness(out_dir: str | Path = "docs", split: str = "test", n_plates: 
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out {out_dir} is not a folder")
     t0 = time.perf_counter()
+    load0 = _load()
     scenes = robustness_scenes(split, n_plates=int(n_plates), n_brains=int(n_brains), protocols=tuple(protocols))
     if not scenes:
         raise InputError("no scene to map: --plates and --brains are both 0")
@@ -307,6 +308,7 @@ def run_robustness(out_dir: str | Path = "docs", split: str = "test", n_plates: 
         tmp = Path(tmp)
         figs = write_figures(tmp, runs, specs, stem, meta["command"])
         meta["minutes"] = (time.perf_counter() - t0) / 60
+        meta["load_average"] = f"{load0} at the start, {_load()} at the end"
         md = report_markdown(runs, specs, meta, figs)
         data = report_json(runs, specs, meta)
         (out_dir / "figures").mkdir(exist_ok=True)
@@ -318,6 +320,14 @@ def run_robustness(out_dir: str | Path = "docs", split: str = "test", n_plates: 
         (tmp / "report.md").write_text("\n".join(md) + "\n")
         (tmp / "report.md").replace(out_dir / name)
     return out_dir / name
+
+
+def _load() -> str:
+    """The 1-minute load average of the machine (others' processes share the CPUs: timings depend on it)."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "unknown"
 
 
 def _default_command(out_dir, split, n_plates, n_brains, methods, protocols, calibration) -> str:
@@ -484,7 +494,8 @@ def report_markdown(runs: list[SceneRun], specs: list[MethodSpec], meta: dict, f
     learned = [s for s in specs if s.key not in BASELINES]
     md = [f"# Robustness suite: the {split} half", "",
           f"Written by `{meta['command']}` on {meta['date']}, {meta['machine']}, Python {meta['python']}, torch "
-          f"{meta['torch']}; the run took {meta['minutes']:.1f} min. Every number below comes from this run; all of "
+          f"{meta['torch']}; the run took {meta['minutes']:.1f} min (1-minute load average "
+          f"{meta.get('load_average', 'unknown')}: the times per slice depend on it). Every number below comes from this run; all of "
           f"them are in `{('ROBUSTNESS' if split == 'test' else 'ROBUSTNESS_' + split)}.json` beside this file.", ""]
     md += ["## The scenes", "",
            f"Drawn by `custom_components/data/scenes.py` (`robustness_scenes`), split seeds {meta['split_seeds']}: "
