@@ -117,3 +117,15 @@ def test_sampler_with_data_consistency_corrects_a_biased_network(residual):
     assert abs(means[0.0] / 1.0 - 1.15) < 0.01
     assert 0.0 < means[0.05] - 1.0 < 0.05
     assert abs(means[0.5] - 1.0) < 0.005
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 13, 32])
+def test_bessel_ratio_against_scipy(n):
+    """The majorize-minimize weight I_n(z)/I_{n-1}(z) for Rician (n = 1) and noncentral-chi data."""
+    from scipy import special
+
+    from custom_components.methods.data_consistency import bessel_ratio
+
+    z = torch.logspace(-4, 5, 400, dtype=torch.float64)
+    exact = special.ive(n, z.numpy()) / special.ive(n - 1, z.numpy())
+    assert np.allclose(bessel_ratio(n, z).numpy(), exact, rtol=1.1e-3, atol=0)

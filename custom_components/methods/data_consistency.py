@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import special
 
 from ..physics.protocol import Protocol
 
@@ -69,14 +68,22 @@ def _solve_sym3(h00, h01, h02, h11, h12, h22, b0, b1, b2):
             (c02 * b0 + c12 * b1 + c22 * b2) * inv)
 
 
-def bessel_ratio(n: int, z: torch.Tensor) -> torch.Tensor:
-    """I_n(z) / I_{n-1}(z) for z >= 0: torch's exponentially scaled Bessel functions for n = 1 (Rician),
-    scipy's for n > 1 (noncentral chi)."""
+def bessel_ratio(n: int, z: torch.Tensor, terms: int = 8) -> torch.Tensor:
+    """I_n(z) / I_{n-1}(z) for z >= 0, elementwise in torch.
+
+    n = 1 (Rician): torch's exponentially scaled Bessel functions. n > 1 (noncentral chi): the ratio
+    r_v = I_{v+1}/I_v obeys r_v = z / (2 (v + 1) + z r_{v+1}) (from I_v - I_{v+2} = 2 (v + 1) I_{v+1} / z),
+    a backward recurrence that is stable for this minimal solution; it is started ``terms`` orders
+    above from the midpoint of Amos' (1974) bounds z / (v + 1 + sqrt((v + 1)^2 + z^2)) <= r_v <=
+    z / (v + 1/2 + sqrt((v + 3/2)^2 + z^2)). Relative error below 1.1e-3 for n = 2..32 and all z
+    (tests: against scipy.special.ive)."""
     if n == 1:
-        return torch.special.i1e(z) / torch.special.i0e(z).clamp_min(1e-300)
-    zn = z.detach().cpu().numpy()
-    r = special.ive(n, zn) / np.maximum(special.ive(n - 1, zn), 1e-300)
-    return torch.from_numpy(r).to(z)
+        return torch.special.i1e(z) / torch.special.i0e(z).clamp_min(1e-30)
+    top = n - 1 + int(terms)
+    r = 0.5 * (z / (top + 1 + torch.sqrt((top + 1) ** 2 + z * z)) + z / (top + 0.5 + torch.sqrt((top + 1.5) ** 2 + z * z)))
+    for v in range(top - 1, n - 2, -1):
+        r = z / (2 * (v + 1) + z * r)
+    return r
 
 
 class DataConsistency:
