@@ -129,3 +129,22 @@ def test_bessel_ratio_against_scipy(n):
     z = torch.logspace(-4, 5, 400, dtype=torch.float64)
     exact = special.ive(n, z.numpy()) / special.ive(n - 1, z.numpy())
     assert np.allclose(bessel_ratio(n, z).numpy(), exact, rtol=1.1e-3, atol=0)
+
+
+@pytest.mark.parametrize("protocol_name", ["paper", "nist15"])
+def test_posterior_std_with_a_flat_prior_is_the_cramer_rao_bound(protocol_name):
+    """With a very wide prior the step's Laplace posterior std of T1 is the CRLB of physics.signal_model
+    (three free parameters, Gaussian noise), which does not depend on the parametrisation of PD and B."""
+    from custom_components.physics.signal_model import crlb
+
+    p = get_protocol(protocol_name)
+    phys = torch.tensor([[0.3, 0.9, 1.9], [1.0, 1.0, 2.0], [2.2, 0.7, 1.7]], dtype=torch.float64)  # (V, 3)
+    sigma = 0.02
+    lab = labels_from_maps(phys[:, 0], phys[:, 1], phys[:, 2], p)  # (3, V)
+    images = signal(phys.T, p).abs()  # (N, V)
+    dc = DataConsistency(p, strength=1e4)
+    post = dc.posterior_std(lab[:, None, :], images[:, None, :], sigma)[0, 0]
+    bound = crlb(phys, p, sigma, dim=-1)[:, 0]
+    assert torch.allclose(post, bound, rtol=1e-3), (post, bound)
+    # a narrower prior can only shrink it
+    assert (DataConsistency(p, strength=0.05).posterior_std(lab[:, None, :], images[:, None, :], sigma)[0, 0] < post).all()

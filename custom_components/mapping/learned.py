@@ -194,6 +194,32 @@ def run_info(method: str, network, inferer=None, fit_condition: bool = False) ->
     return {}
 
 
+def with_posterior_std(mean: torch.Tensor, std: torch.Tensor, images: torch.Tensor, sigma, protocol, dc) -> torch.Tensor:
+    """The Diffusor's std with the data-consistency step's posterior std added in quadrature, per slice:
+    ``mean``/``std`` (Z, 3, H, W) in the output convention, ``images`` (Z, N, H, W) as measured, ``sigma``
+    their noise std (a number or one per slice; None/NaN: ``std`` unchanged). The members of an
+    ensemble that are all pulled toward the same images agree more than the images determine the maps;
+    :meth:`custom_components.methods.data_consistency.DataConsistency.posterior_std` is that part
+    (computed in the label convention at the mean, PD and B converted to the output convention by the
+    ratio of their values: first order)."""
+    from ..data.synthesis import labels_from_maps
+
+    out = std.clone()
+    sig = torch.as_tensor(np.nan if sigma is None else sigma, dtype=torch.float64).reshape(-1).expand(mean.shape[0])
+    for z in range(mean.shape[0]):
+        sz = float(sig[z])
+        if not (np.isfinite(sz) and sz > 0):
+            continue
+        m = mean[z].double()
+        lab = labels_from_maps(m[0], m[1], m[2], protocol)
+        post = dc.posterior_std(lab, torch.as_tensor(images[z]).double(), sz)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = torch.where(lab.abs() > 0, m / lab, torch.ones_like(m))
+        post = post * torch.nan_to_num(ratio.abs(), nan=1.0, posinf=1.0)
+        out[z] = torch.sqrt(std[z].double() ** 2 + post**2).to(std.dtype)
+    return out
+
+
 def data_consistency(protocol, strength: float, noise: str = "rician", n_coils: int = 1):
     """The Diffusor inferer's data-consistency step for the bundle configs (``inference.json``'s
     ``dc_strength``): a :class:`custom_components.methods.data_consistency.DataConsistency` for the
@@ -422,13 +448,16 @@ class BundleMapper:
             if dc is not None and dc.protocol is not protocol and protocol is not None:
                 self.set_data_consistency(dc.strength, dc.noise, dc.n_coils, protocol)
             dc_on = dc is not None and sigma is not None and np.isfinite(sigma) and sigma > 0
-            pred = self.inferer(cond, self.network, sigma=(float(sigma) / s) if dc_on else None)
+            # sigma / scale as the bundle config computes it (NoiseSigmad: float32), so both give the same maps
+            pred = self.inferer(cond, self.network, sigma=(torch.full((1,), float(sigma)) / s.float()) if dc_on else None)
         elif self.method == "rim":
             sig = torch.tensor([float("nan") if sigma is None else float(sigma)]) / s
             pred = self.network(cond, sigma=sig.to(self.device))
         else:
             pred = self.network(cond)
         mean, std = decode_prediction(pred, s, protocol)
+        if std is not None and self.method == "diffusor" and self.inferer.data_consistency is not None:
+            std = with_posterior_std(mean, std, img, sigma, protocol, self.inferer.data_consistency)
         return mean[0].numpy(), (None if std is None else std[0].numpy())
 
     def info(self) -> dict:
@@ -568,4 +597,4 @@ class NoiseSigmad:
 
 __all__ = ["BundleMapper", "decode_prediction", "background_sigma", "DiffusorMapper", "LEARNED_METHODS", "map_series_with_bundle", "map_series_with_diffusor", "VolumePrepareBatch", "SliceBatchInferer", "NoiseSigmad",
            "VARIANTS", "PREFERENCE", "weights_variant", "shipped_weights", "choose_weights", "sha256_of", "weights_record",
-           "run_info", "rim_noise_info", "data_consistency", "noise_level", "std_calibration", "calibrate_std"]
+           "run_info", "rim_noise_info", "data_consistency", "noise_level", "std_calibration", "calibrate_std", "with_posterior_std"]

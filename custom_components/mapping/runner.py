@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import IRSeries, save_maps
-from .learned import calibrate_std, decode_prediction, noise_level, run_info, weights_record
+from .learned import calibrate_std, decode_prediction, noise_level, run_info, weights_record, with_posterior_std
 from .mapper import add_consistency_maps
 from .results import FLAG_ALPHA, MappingResult, output_arrays, sidecars_for
 
@@ -77,6 +77,10 @@ class SaveMapsHandler:
         mean, std = decode_prediction(engine.state.output["pred"], batch["scale"][0].float().cpu(),
                                       prot)  # (Z, 3, H, W), output convention
         mask = batch["mask"][0].cpu().numpy().astype(bool)  # (Z, H, W)
+        dc = getattr(engine.inferer, "data_consistency", None) if self.method == "diffusor" else None
+        if std is not None and dc is not None:  # as qmri map: the step's posterior std added to the ensemble's
+            sig = batch["sigma"][0].double() * batch["scale"][0].double().cpu() if "sigma" in batch else None
+            std = with_posterior_std(mean, std, batch["image"][0].cpu(), sig, prot, dc)
         maps = {}
         for i, k in enumerate(("T1", "PD", "B")):
             maps[k] = np.transpose(np.where(mask, mean[:, i].numpy(), 0), (1, 2, 0)).astype(np.float32)

@@ -222,6 +222,43 @@ class DataConsistency:
         out = encode_maps(new, 1.0).to(x0.dtype)
         return torch.where(active[:, None], out, x0)
 
+    @torch.no_grad()
+    def posterior_std(self, labels: torch.Tensor, images: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The std of the proximal step's Gaussian (Laplace) posterior at ``labels`` (3, H, W) (T1 s, PD
+        in the units of ``images``, B; the network's label convention), for images (N, H, W) with noise
+        std ``sigma``: with the Hessian H = J'J / sigma^2 + P of the step's cost at q = (PD, PD B, log T1)
+        (P the prior's precision around the estimate itself), cov(q) = H^-1 and, to first order,
+        std(T1) = T1 sqrt(cov_uu), std(PD) = sqrt(cov_aa), std(B) from B = c / a. This is the part of the
+        uncertainty that an ensemble whose members are all pulled toward the same images no longer
+        shows: the noise of the images themselves, as far as the prior does not remove it. Voxels the
+        step leaves alone (below ``min_snr`` sigma) get 0."""
+        if self.strength == 0 or not (sigma is not None and np.isfinite(sigma) and sigma > 0):
+            return torch.zeros_like(labels)
+        lab = labels.to(torch.float64)
+        y = images.to(torch.float64)
+        active = y.amax(dim=0) > self.min_snr * sigma
+        t1 = lab[0][active].clamp(float(np.exp(LOG_T1_BOUNDS[0])), float(np.exp(LOG_T1_BOUNDS[1])))
+        a, c, u = lab[1][active] / sigma, lab[1][active] * lab[2][active] / sigma, torch.log(t1)
+        w = self.strength
+        a_ref = a.abs().clamp_min(1.0)
+        p0, p1, p2 = 1 / (w * a_ref) ** 2, 1 / (2 * w * a_ref) ** 2, torch.full_like(a_ref, 1 / w**2)
+        f1, f2, d1, d2 = self._basis(u)
+        j2 = a[:, None] * d1 + c[:, None] * d2
+        h = [(f1 * f1).sum(1) + p0, (f1 * f2).sum(1), (f1 * j2).sum(1), (f2 * f2).sum(1) + p1, (f2 * j2).sum(1),
+             (j2 * j2).sum(1) + p2]
+        one, zero = torch.ones_like(a), torch.zeros_like(a)
+        c_a = _solve_sym3(*h, one, zero, zero)  # first column of H^-1
+        c_c = _solve_sym3(*h, zero, one, zero)
+        c_u = _solve_sym3(*h, zero, zero, one)
+        var_a, cov_ac, var_c, var_u = c_a[0], c_a[1], c_c[1], c_u[2]
+        aa = a.clamp_min(1e-12)
+        var_b = (c / aa**2) ** 2 * var_a - 2 * c / aa**3 * cov_ac + var_c / aa**2
+        out = torch.zeros_like(lab)
+        out[0][active] = t1 * var_u.clamp_min(0).sqrt()
+        out[1][active] = sigma * var_a.clamp_min(0).sqrt()
+        out[2][active] = var_b.clamp_min(0).sqrt()
+        return out.to(labels.dtype)
+
     def describe(self) -> dict:
         """What the output sidecars record about the step."""
         return {"strength": self.strength, "noise": self.noise, "n_coils": self.n_coils, "iterations": self.n_iter,

@@ -67,7 +67,7 @@ class MethodSpec:
     options: dict = field(default_factory=dict)
 
 
-def default_methods(quick: bool = False, steps: int = 20, samples: int = 10) -> list[MethodSpec]:
+def default_methods(quick: bool = False, steps: int = 10, samples: int = 10) -> list[MethodSpec]:
     """The classical fit, the TV-regularised fit, the ResNet, the RIM and both Diffusor variants with
     their shipped weights."""
     b = REPO / "bundles"
@@ -452,7 +452,7 @@ def _cpu_name() -> str:
     return "unknown model"
 
 
-def update_real_scan_section(out_dir: str | Path = "docs", data_dir: str | Path | None = None, steps: int = 20,
+def update_real_scan_section(out_dir: str | Path = "docs", data_dir: str | Path | None = None, steps: int = 10,
                              samples: int = 10, methods: list[MethodSpec] | None = None) -> Path:
     """Regenerate only section 1 (real scans) of an existing ``out_dir/RESULTS.md`` in place, e.g. after
     training a model for the scans' protocol; the section says when and where it was regenerated, and
@@ -600,7 +600,7 @@ def map_figure(path: Path, case: Case, results: dict[str, Result], specs: list[M
 
 
 # --------------------------------------------------------------------------------------- the report
-def run_comparison(out_dir: str | Path = "docs", brain_slices: int = 4, low_snr: float = 20.0, steps: int = 20,
+def run_comparison(out_dir: str | Path = "docs", brain_slices: int = 4, low_snr: float = 20.0, steps: int = 10,
                    samples: int = 10, ddpm_crop: int = 40, data_dir: str | Path | None = None, speed: bool = True,
                    methods: list[MethodSpec] | None = None, log=print) -> Path:
     """Regenerate ``out_dir/RESULTS.md`` and ``out_dir/figures/`` from scratch; returns the report path."""
