@@ -75,7 +75,7 @@ def main():
     ap.add_argument("--brains", type=int, default=2)
     ap.add_argument("--plate_indices", default=None, help="only these plates of the first --plates (comma separated)")
     ap.add_argument("--strengths", default="0,0.03,0.05,0.1")
-    ap.add_argument("--calibration_out", default=str(REPO / "bundles/diffusor/models/std_calibration.json"))
+    ap.add_argument("--calibration_out", default="bundles/diffusor/models/std_calibration.json")
     a = ap.parse_args()
     t0 = time.perf_counter()
     strengths = [float(x) for x in a.strengths.split(",")]
@@ -98,7 +98,9 @@ def main():
         if r.scene.kind != "brain" or res is None or "T1_std" not in res.maps:
             continue
         wfile = res.info["weights"]["File"]
-        by_weights.setdefault(wfile, []).append(uncertainty_voxels(r.scene, res.maps))
+        t, mu, sd = uncertainty_voxels(r.scene, res.maps)
+        applied = (res.info.get("std_calibration") or {}).get("factor", 1.0)  # fit on the uncalibrated std
+        by_weights.setdefault(wfile, []).append((t, mu, sd / applied))
         settings[wfile] = {k: res.info.get(k) for k in ("n_samples", "network_evaluations_per_sample", "sampler", "symmetry")}
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = (f"python scripts/dc_validation.py --out {a.out} --plates {a.plates} --brains {a.brains} "
@@ -138,7 +140,7 @@ def main():
         b, af = c["before"], c["after"]
         md.append(f"| {wfile} | {c['factor']:.3f} | {100 * b['coverage_1']:.0f} / {100 * b['coverage_2']:.0f} % | "
                   f"{100 * af['coverage_1']:.0f} / {100 * af['coverage_2']:.0f} % | {b['spearman']:.2f} |")
-    md += ["", f"Written to `{Path(a.calibration_out).relative_to(REPO) if Path(a.calibration_out).is_absolute() else a.calibration_out}`; "
+    md += ["", f"Written to `{a.calibration_out}`; "
            "`qmri map` multiplies the ensemble std by c when the run's settings are the ones it was fitted with."]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("\n".join(md) + "\n")
