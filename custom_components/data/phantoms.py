@@ -305,6 +305,21 @@ def _block_mean(x: np.ndarray, shape, ss: int) -> np.ndarray:
     return x.reshape(h, ss, w, ss).mean(axis=(1, 3))
 
 
+def mix_compartments(fractions: np.ndarray, t1_s, t2_s, pd) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PD, T1 (s) and T2 (s) maps of pixels holding compartments c with area fractions ``fractions``
+    (C, H, W) and values ``t1_s``, ``t2_s``, ``pd`` (C,): PD = sum_c f_c PD_c and PD-weighted relaxation
+    rates, R1 = sum_c f_c PD_c / T1_c / PD (the same for T2); T1 = T2 = 0 where PD is 0 (no signal).
+    An infinite T1/T2 (a compartment without signal) contributes a zero rate."""
+    w = fractions * np.asarray(pd, dtype=float)[:, None, None]  # PD-weighted fractions
+    pd_map = w.sum(0)
+    safe = np.where(pd_map > 0, pd_map, 1.0)
+    r1 = np.tensordot(1.0 / np.asarray(t1_s, dtype=float), w, axes=1) / safe
+    r2 = np.tensordot(1.0 / np.asarray(t2_s, dtype=float), w, axes=1) / safe
+    t1 = np.where(pd_map > 0, 1.0 / np.where(r1 > 0, r1, 1.0), 0.0)
+    t2 = np.where(pd_map > 0, 1.0 / np.where(r2 > 0, r2, 1.0), 0.0)
+    return pd_map, t1, t2
+
+
 def nist_phantom_maps(matrix=(240, 240), fov_mm=250.0, plate: str = "T1", field_strength_t: float = 3.0,
                       version: int | None = None, rotation_deg: float = 0.0, shift_mm=(0.0, 0.0),
                       supersample: int = 4, geometry: PlateGeometry | None = None,
@@ -375,13 +390,7 @@ def nist_phantom_maps(matrix=(240, 240), fov_mm=250.0, plate: str = "T1", field_
     c_t2 = np.concatenate([[bg["T2_s"]], ref["T2_s"], [np.inf]])
     c_pd = np.concatenate([[bg["PD"]], np.full(N_SPHERES, SPHERE_PD), [0.0]])
 
-    w = fractions * c_pd[:, None, None]  # PD-weighted fractions
-    pd = w.sum(0)
-    safe = np.where(pd > 0, pd, 1.0)
-    r1 = np.tensordot(1.0 / c_t1, w, axes=1) / safe
-    r2 = np.tensordot(1.0 / c_t2, w, axes=1) / safe
-    t1 = np.where(pd > 0, 1.0 / np.where(r1 > 0, r1, 1.0), 0.0)
-    t2 = np.where(pd > 0, 1.0 / np.where(r2 > 0, r2, 1.0), 0.0)
+    pd, t1, t2 = mix_compartments(fractions, c_t1, c_t2, c_pd)
 
     sphere_frac = fractions[1:N_SPHERES + 1]
     labels = np.where(sphere_frac.max(0) > 0.5, sphere_frac.argmax(0) + 1, 0).astype(np.int64)

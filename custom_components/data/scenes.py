@@ -380,7 +380,7 @@ def _erode_edt(region: np.ndarray, px: int) -> np.ndarray:
 
 
 def _plate_maps(params: dict, protocol: Protocol) -> dict:
-    from .phantoms import _block_mean, _pixel_grid, reference_values
+    from .phantoms import _block_mean, _pixel_grid, mix_compartments, reference_values
 
     n = int(params["matrix"])
     ss = PLATE_SUPERSAMPLE
@@ -402,13 +402,7 @@ def _plate_maps(params: dict, protocol: Protocol) -> dict:
     c_t1 = np.concatenate([[params["fill_T1_s"]], ref["T1_s"], [np.inf]])
     c_t2 = np.concatenate([[params["fill_T2_s"]], ref["T2_s"], [np.inf]])
     c_pd = np.concatenate([[params["fill_PD"]], params["sphere_PD"], [0.0]])
-    w = fractions * c_pd[:, None, None]
-    pd = w.sum(0)
-    safe = np.where(pd > 0, pd, 1.0)
-    r1 = np.tensordot(1.0 / c_t1, w, axes=1) / safe
-    r2 = np.tensordot(1.0 / c_t2, w, axes=1) / safe
-    t1 = np.where(pd > 0, 1.0 / np.where(r1 > 0, r1, 1.0), 0.0)
-    t2 = np.where(pd > 0, 1.0 / np.where(r2 > 0, r2, 1.0), 0.0)
+    pd, t1, t2 = mix_compartments(fractions, c_t1, c_t2, c_pd)
     sphere_frac = fractions[1:15]
     labels = np.where(sphere_frac.max(0) > 0.5, sphere_frac.argmax(0) + 1, 0)
     body = _block_mean(body_in.astype(np.float64), shape, ss) > 0.5

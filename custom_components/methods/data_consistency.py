@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from ..physics.protocol import Protocol
+from .fitting import cofactors_sym3
 
 #: The default strength (relative prior width) of ``qmri map --method diffusor``, chosen on the validation
 #: half of the robustness suite only: docs/dc_validation.md (``scripts/dc_validation.py``; of 0.02-1, the
@@ -57,14 +58,10 @@ NOISE_MODELS = ("rician", "ncchi", "gaussian")
 
 
 def _solve_sym3(h00, h01, h02, h11, h12, h22, b0, b1, b2):
-    """Solve the symmetric positive definite 3x3 systems H x = b voxel-wise by cofactors (torch)."""
-    c00 = h11 * h22 - h12 * h12
-    c01 = h02 * h12 - h01 * h22
-    c02 = h01 * h12 - h02 * h11
-    c11 = h00 * h22 - h02 * h02
-    c12 = h01 * h02 - h00 * h12
-    c22 = h00 * h11 - h01 * h01
-    inv = 1.0 / (h00 * c00 + h01 * c01 + h02 * c02)
+    """Solve the symmetric positive definite 3x3 systems H x = b voxel-wise by cofactors (torch; the
+    prior keeps H positive definite)."""
+    c00, c01, c02, c11, c12, c22, det = cofactors_sym3(h00, h01, h02, h11, h12, h22)
+    inv = 1.0 / det
     return ((c00 * b0 + c01 * b1 + c02 * b2) * inv, (c01 * b0 + c11 * b1 + c12 * b2) * inv,
             (c02 * b0 + c12 * b1 + c22 * b2) * inv)
 

@@ -82,15 +82,21 @@ def _basis_derivs(t1, protocol: Protocol):
     return 1.0 - e_rec, e_rec - e_ti, -(rec / t1) * e_rec, (rec / t1) * e_rec - (ti / t1) * e_ti
 
 
-def _solve_sym3(h00, h01, h02, h11, h12, h22, b0, b1, b2):
-    """Solve the symmetric 3x3 systems H x = b voxel-wise by cofactors (no step where singular)."""
+def cofactors_sym3(h00, h01, h02, h11, h12, h22):
+    """Cofactors (c00, c01, c02, c11, c12, c22) and determinant of symmetric 3x3 matrices, elementwise
+    (numpy arrays or torch tensors): H^-1 = C / det."""
     c00 = h11 * h22 - h12 * h12
     c01 = h02 * h12 - h01 * h22
     c02 = h01 * h12 - h02 * h11
     c11 = h00 * h22 - h02 * h02
     c12 = h01 * h02 - h00 * h12
     c22 = h00 * h11 - h01 * h01
-    det = h00 * c00 + h01 * c01 + h02 * c02
+    return c00, c01, c02, c11, c12, c22, h00 * c00 + h01 * c01 + h02 * c02
+
+
+def _solve_sym3(h00, h01, h02, h11, h12, h22, b0, b1, b2):
+    """Solve the symmetric 3x3 systems H x = b voxel-wise by cofactors (no step where singular)."""
+    c00, c01, c02, c11, c12, c22, det = cofactors_sym3(h00, h01, h02, h11, h12, h22)
     ok = np.abs(det) > 1e-300
     inv = np.where(ok, 1.0 / np.where(ok, det, 1.0), 0.0)
     x0 = (c00 * b0 + c01 * b1 + c02 * b2) * inv
