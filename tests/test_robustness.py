@@ -76,7 +76,7 @@ def test_roi_crlb_known_value_and_not_determined_threshold():
 
 def _row(roi, ref, bias, std, band=None, det=True):
     return {"roi": roi, "reference": ref, "bias_pct": bias, "std_s": std, "band": band or rb.band_of(ref),
-            "determined": det}
+            "determined": det, "crlb_pct": 5.0 if det else 25.0}
 
 
 def test_target_misses_follow_the_issue_targets():
@@ -92,6 +92,10 @@ def test_target_misses_follow_the_issue_targets():
     # short T1: 5 %, and no target where the CRLB does not determine T1
     assert len(rb.target_misses([_row("sphere 2", 0.2, -6.0, 0.001)], fit, snr=50)) == 1
     assert rb.target_misses([_row("sphere 2", 0.2, -60.0, 0.001, det=False)], fit, snr=50) == []
+    # a 0.4-2 s sphere is checked even where the CRLB does not determine T1, and the miss says so
+    miss = rb.target_misses([_row("sphere 1", 1.0, 9.0, 0.020, det=False)], fit, snr=50)
+    assert len(miss) == 1 and "not determined" in miss[0]
+    assert "not determined" not in rb.target_misses([_row("sphere 1", 1.0, 9.0, 0.020)], fit, snr=50)[0]
 
 
 def test_calibration_factor_on_synthetic_gaussian_errors(rng):

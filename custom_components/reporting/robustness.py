@@ -166,7 +166,8 @@ def target_misses(rows: list[dict], fit_rows: list[dict] | None, snr: float) -> 
             if not r["std_s"] < fit[r["roi"]]["std_s"]:
                 why.append(f"within-ROI std {1000 * r['std_s']:.1f} ms, not below the fit's {1000 * fit[r['roi']]['std_s']:.1f} ms")
         if why:
-            out.append(f"{r['roi']} (T1 {1000 * r['reference']:.0f} ms): " + "; ".join(why))
+            nd = "" if r["determined"] else f", {NOT_DETERMINED}: CRLB/T1 {r['crlb_pct']:.0f} %"
+            out.append(f"{r['roi']} (T1 {1000 * r['reference']:.0f} ms{nd}): " + "; ".join(why))
     return out
 
 
@@ -610,17 +611,20 @@ def report_markdown(runs: list[SceneRun], specs: list[MethodSpec], meta: dict, f
 
 def _brain_tissue_table(runs: list[SceneRun], specs: list[MethodSpec]) -> list[str]:
     lines = ["### Tissue bias (%) and NRMSE per tissue, averaged over brain scenes", "",
+             "Determined tissue ROIs (CRLB/T1 <= 10 %) only; the not-determined ones (e.g. every tissue in the "
+             "nist15 protocol, whose TIs end at 0.8 s) are in the scene tables, marked.", "",
              "| method | " + " | ".join(BRAIN_TISSUES) + " |", "|---|" + "---|" * len(BRAIN_TISSUES)]
     any_brain = False
     for s in specs:
         cells = []
         for t in BRAIN_TISSUES:
-            v = [x for r in runs if r.scene.kind == "brain" and s.key in r.rows for x in r.rows[s.key] if x["roi"] == t]
+            v = [x for r in runs if r.scene.kind == "brain" and s.key in r.rows for x in r.rows[s.key]
+                 if x["roi"] == t and x["determined"]]
             if v:
                 any_brain = True
             cells.append("-" if not v else f"{np.mean([x['bias_pct'] for x in v]):+.1f} %, {np.mean([x['nrmse'] for x in v]):.3f} ({len(v)})")
         lines.append(f"| {s.label} | " + " | ".join(cells) + " |")
-    return (lines + ["", "(n): brain scenes with that tissue ROI.", ""]) if any_brain else []
+    return (lines + ["", "(n): brain scenes with that tissue ROI, determined.", ""]) if any_brain else []
 
 
 def _uncertainty_section(runs: list[SceneRun], specs: list[MethodSpec], meta: dict) -> list[str]:
