@@ -20,7 +20,7 @@ from custom_components.bundle.training import check_weights_card, parse_device, 
 from custom_components.cli import QMRI, main
 from custom_components.io import InputError
 
-SHIPPED_CARDS = sorted(REPO.glob("bundles/*/models/*.json"))
+SHIPPED_CARDS = sorted(p for p in REPO.glob("bundles/*/models/*.json") if p.with_suffix(".pt").exists())  # a card is W.json beside W.pt
 EVIL = "$__import__('pathlib').Path({!r}).write_text('owned') and 'compact'"
 
 
