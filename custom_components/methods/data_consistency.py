@@ -147,15 +147,20 @@ class DataConsistency:
             return y
         return y * bessel_ratio(self.n_coils, y * mu / sigma.clamp_min(1e-12) ** 2)
 
+    def _prior_precision(self, a_ref: torch.Tensor):
+        """The prior's precisions of (a, c, u) in units of sigma: 1/delta^2 with delta = (w a', 2 w a', w),
+        a' = max(|PD|, sigma) / sigma (module doc)."""
+        w = self.strength
+        return 1 / (w * a_ref) ** 2, 1 / (2 * w * a_ref) ** 2, torch.full_like(a_ref, 1 / w**2)
+
     def prox(self, q0: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The proximal step for voxels q0 (V, 3) = (a, c, log T1), data y (V, N), sigma (V,), computed in
         the dtype of ``q0`` (the sampler uses float32; tests float64)."""
-        w = self.strength
         sig = sigma.to(q0)[:, None]
         y = y.to(q0)
         a_ref = torch.maximum(q0[:, 0].abs(), sig[:, 0]) / sig[:, 0]
         # in units of sigma: a, c and the data divided by sigma, so the cost is sum r^2 + prior
-        p0, p1, p2 = 1 / (w * a_ref) ** 2, 1 / (2 * w * a_ref) ** 2, torch.full_like(a_ref, 1 / w**2)
+        p0, p1, p2 = self._prior_precision(a_ref)
         a0, c0, u0 = q0[:, 0] / sig[:, 0], q0[:, 1] / sig[:, 0], q0[:, 2]
         a, c, u = a0, c0, u0
         lo, hi = LOG_T1_BOUNDS
@@ -237,9 +242,7 @@ class DataConsistency:
         active = y.amax(dim=0) > self.min_snr * sigma
         t1 = lab[0][active].clamp(float(np.exp(LOG_T1_BOUNDS[0])), float(np.exp(LOG_T1_BOUNDS[1])))
         a, c, u = lab[1][active] / sigma, lab[1][active] * lab[2][active] / sigma, torch.log(t1)
-        w = self.strength
-        a_ref = a.abs().clamp_min(1.0)
-        p0, p1, p2 = 1 / (w * a_ref) ** 2, 1 / (2 * w * a_ref) ** 2, torch.full_like(a_ref, 1 / w**2)
+        p0, p1, p2 = self._prior_precision(a.abs().clamp_min(1.0))
         f1, f2, d1, d2 = self._basis(u)
         j2 = a[:, None] * d1 + c[:, None] * d2
         h = [(f1 * f1).sum(1) + p0, (f1 * f2).sum(1), (f1 * j2).sum(1), (f2 * f2).sum(1) + p1, (f2 * j2).sum(1),
