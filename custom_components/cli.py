@@ -137,7 +137,7 @@ class QMRI:
             samples: int | None = None, steps: int | None = None, sampler: str | None = None,
             symmetry: str | None = None, seed: int | None = None, device: str = "cpu", bundle: str | None = None, weights: str | None = None,
             variant: str | None = None, quiet: bool = False, bids: bool = False, subject: str | None = None, session: str | None = None,
-            tv_weight: float | None = None, dc: float | None = None):
+            tv_weight: float | None = None, dc: float | None = None, dc_crlb: float | None = None):
         """Map T1 (s), PD and inversion efficiency B from an IR series; write NIfTI maps with JSON sidecars.
 
         Args:
@@ -193,6 +193,10 @@ class QMRI:
                 bundles/diffusor/docs/README.md "Data-consistency"). The step moves each estimate toward
                 the images through the signal model and the --noise/--n_coils noise model, with --sigma or
                 the background's noise level (no background and no --sigma: skipped, as the sidecar says).
+            dc_crlb: diffusor: the data-consistency step's CRLB bound k (0: none; default: the bundle's):
+                where the images determine T1 (relative CRLB r <= 10 %), the prior around the network's
+                estimate is at least k r wide, so the network's error reaches the map with a weight of at
+                most 1 / (1 + k^2).
         """
         from .io import load_nifti_map, load_series
         from .mapping import map_series, output_arrays, sidecars_for
@@ -219,6 +223,16 @@ class QMRI:
                 raise InputError(f"--dc applies to --method diffusor only, not to {method}")
             if isinstance(dc, bool) or not isinstance(dc, (int, float)) or not math.isfinite(dc) or dc < 0:
                 raise InputError(f"--dc must be a number >= 0, got {dc!r}")
+        if dc_crlb is not None:
+            import math
+
+            from .io import InputError
+
+            if method != "diffusor":
+                raise InputError(f"--dc_crlb applies to --method diffusor only, not to {method}")
+            if isinstance(dc_crlb, bool) or not isinstance(dc_crlb, (int, float)) or not math.isfinite(dc_crlb) \
+                    or dc_crlb < 0:
+                raise InputError(f"--dc_crlb must be a number >= 0, got {dc_crlb!r}")
 
         series = load_series(input, tis=_floats(tis, "--tis"), tr=(None if tr is None else (lambda v: v[0] if len(v) == 1 else v)(_floats(tr, "--tr"))),
                              echo_spacing=_one(echo_spacing, "--echo_spacing"), etl=_one(etl, "--etl"))
@@ -241,7 +255,8 @@ class QMRI:
                          samples=samples, steps=steps, seed=seed, sampler=sampler, symmetry=symmetry, device=device,
                          bundle_dir=bundle, weights=weights, variant=variant,
                          **({} if tv_weight is None else {"tv_weight": float(tv_weight)}),
-                         **({} if dc is None else {"dc": float(dc)}))
+                         **({} if dc is None else {"dc": float(dc)}),
+                         **({} if dc_crlb is None else {"dc_crlb": float(dc_crlb)}))
         if bids:
             written = save_bids_derivatives(out, output_arrays(res), series.affine, sidecars_for(res, series, method),
                                             subject=str(sub), session=None if ses is None else str(ses), method=method,

@@ -300,6 +300,14 @@ def diffusor_no_samples(d):
     return _map(_nifti(d), "--method", "diffusor", "--samples", "0")
 
 
+def diffusor_dc_crlb_negative(d):
+    return _map(_nifti(d), "--method", "diffusor", "--dc_crlb", "-1")
+
+
+def fit_with_dc_crlb(d):
+    return _map(_nifti(d), "--method", "mle", "--dc_crlb", "3")
+
+
 def weights_card_with_code(d):
     """The shipped RIM weights with a card whose network_preset is a MONAI "$" expression that would
     create PWNED beside them when the config is parsed (issue 19, item 1)."""
@@ -397,6 +405,10 @@ CASES = [
          "--sampler must be one of"),
     Case("diffusor_no_samples", "--samples 0 (an ensemble needs at least one member)", diffusor_no_samples,
          "--samples must be at least 1"),
+    Case("diffusor_dc_crlb_negative", "--dc_crlb -1 (the CRLB bound is a factor >= 0)", diffusor_dc_crlb_negative,
+         "--dc_crlb must be a number >= 0"),
+    Case("fit_with_dc_crlb", "--dc_crlb with --method mle (it bounds the Diffusor's data-consistency prior)",
+         fit_with_dc_crlb, "--dc_crlb applies to --method diffusor only"),
 ]
 
 

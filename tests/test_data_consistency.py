@@ -148,3 +148,53 @@ def test_posterior_std_with_a_flat_prior_is_the_cramer_rao_bound(protocol_name):
     assert torch.allclose(post, bound, rtol=1e-3), (post, bound)
     # a narrower prior can only shrink it
     assert (DataConsistency(p, strength=0.05).posterior_std(lab[:, None, :], images[:, None, :], sigma)[0, 0] < post).all()
+
+
+def _prox_t1_error(dc, p, t1, sigma, t1_factor, n_iter=30):
+    """Relative T1 error after the step for noiseless images of (t1, PD 0.9, B 1.95) and a network whose
+    T1 is ``t1_factor`` times the truth (PD and B right), Gaussian noise of std ``sigma`` per voxel."""
+    t1 = torch.as_tensor(t1, dtype=torch.float64)
+    lab = labels_from_maps(t1, torch.full_like(t1, 0.9), torch.full_like(t1, 1.95), p)  # (3, V)
+    y = signal(maps_from_labels(lab, p), p).abs().T  # (V, N)
+    q0 = torch.stack([lab[1], lab[1] * lab[2], torch.log(lab[0] * t1_factor)], 1)
+    dc.n_iter = n_iter
+    q = dc.prox(q0, y, torch.as_tensor(sigma, dtype=torch.float64))
+    return (torch.exp(q[:, 2]) / lab[0] - 1).numpy()
+
+
+@pytest.mark.parametrize("protocol_name", ["paper", "nist15"])
+def test_crlb_bound_limits_the_networks_weight_where_t1_is_determined(protocol_name):
+    """With the CRLB bound k, a network error in T1 alone reaches the result with a weight of at most
+    1 / (1 + k^2) where the images determine T1 (relative CRLB r <= 10 %): the data's precision of log T1
+    is at least 1 / r^2 (r from physics.signal_model.crlb, an independent implementation) and the prior's
+    is 1 / (k r)^2. Without the bound (w = 0.2 > r) the network's share is larger. Where T1 is not
+    determined (r > 10 %) the bound is a plain prior of width max(w, k 10 %)."""
+    from custom_components.physics.signal_model import crlb
+
+    p = get_protocol(protocol_name)
+    t1 = np.array([0.5, 1.0, 1.5])
+    phys = torch.tensor([[t, 0.9, 1.95] for t in t1], dtype=torch.float64)
+    r_unit = (crlb(phys, p, 1.0, dim=-1)[:, 0] / phys[:, 0]).numpy()  # relative CRLB at sigma = 1
+    sigma = 0.09 / r_unit  # r = 9 %: determined, but only just
+    k = 4.0
+    err_bound = _prox_t1_error(DataConsistency(p, 0.2, noise="gaussian", crlb_factor=k), p, t1, sigma, 1.05)
+    err_free = _prox_t1_error(DataConsistency(p, 0.2, noise="gaussian"), p, t1, sigma, 1.05)
+    bound = 0.05 / (1 + k**2)
+    assert (np.abs(err_bound) <= 1.05 * bound).all(), (err_bound, bound)
+    assert (np.abs(err_free) > 1.5 * bound).all(), (err_free, bound)
+    # not determined (r = 30 %): the prior is max(w, k 10 %) = 0.4 wide, bound or not
+    sigma = 0.3 / r_unit
+    a = _prox_t1_error(DataConsistency(p, 0.2, noise="gaussian", crlb_factor=k), p, t1, sigma, 1.2)
+    b = _prox_t1_error(DataConsistency(p, 0.4, noise="gaussian"), p, t1, sigma, 1.2)
+    assert np.allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_polarity_of_a_far_off_network_is_taken_again_from_the_data():
+    """A network 30 % high in T1 puts the signal's null at the wrong inversion time. With the polarity of
+    its estimate the signed data pull T1 far from the truth (+58 % at T1 = 1 s, SNR ~ 180); solving again
+    with the polarity of the result (the default) gives the answer the data determine (CRLB 1.3 %)."""
+    p = get_protocol("paper")
+    off = _prox_t1_error(DataConsistency(p, 0.2, noise="gaussian", polarity_rounds=0), p, [1.0], [0.005], 1.3)
+    on = _prox_t1_error(DataConsistency(p, 0.2, noise="gaussian"), p, [1.0], [0.005], 1.3)
+    assert abs(off[0]) > 0.2
+    assert abs(on[0]) < 0.005

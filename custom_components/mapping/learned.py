@@ -220,14 +220,15 @@ def with_posterior_std(mean: torch.Tensor, std: torch.Tensor, images: torch.Tens
     return out
 
 
-def data_consistency(protocol, strength: float, noise: str = "rician", n_coils: int = 1):
+def data_consistency(protocol, strength: float, noise: str = "rician", n_coils: int = 1, crlb_factor: float = 0.0):
     """The Diffusor inferer's data-consistency step for the bundle configs (``inference.json``'s
-    ``dc_strength``): a :class:`custom_components.methods.data_consistency.DataConsistency` for the
-    protocol (a preset name, a dict or a Protocol), None for strength 0."""
+    ``dc_strength`` and ``dc_crlb_factor``): a :class:`custom_components.methods.data_consistency.DataConsistency`
+    for the protocol (a preset name, a dict or a Protocol), None for strength 0."""
     from ..methods.data_consistency import DataConsistency
     from ..physics.protocol import get_protocol
 
-    return DataConsistency(get_protocol(protocol), float(strength), noise, int(n_coils)) if strength else None
+    return (DataConsistency(get_protocol(protocol), float(strength), noise, int(n_coils), crlb_factor=float(crlb_factor))
+            if strength else None)
 
 
 def background_sigma(data: np.ndarray) -> float | None:
@@ -262,7 +263,8 @@ def noise_level(method: str, data: np.ndarray, sigma: float | None = None, noise
 
 
 STD_CALIBRATION_FILE = "std_calibration.json"
-_CALIBRATION_SETTINGS = ("dc_strength", "n_samples", "network_evaluations_per_sample", "sampler", "symmetry")
+_CALIBRATION_SETTINGS = ("dc_strength", "dc_crlb_factor", "n_samples", "network_evaluations_per_sample", "sampler",
+                         "symmetry")
 
 
 def std_calibration(weights_path, info: dict) -> tuple[float, dict]:
@@ -288,8 +290,10 @@ def std_calibration(weights_path, info: dict) -> tuple[float, dict]:
     factor = entry.get("factor") if isinstance(entry, dict) else None
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not np.isfinite(factor) or not 0 < factor < 100:
         raise InputError(f"{path}: the factor of {name} must be a positive number, got {factor!r}")
-    run = {"dc_strength": (info.get("data_consistency") or {}).get("strength", 0.0),
-           **{k: info.get(k) for k in _CALIBRATION_SETTINGS[1:]}}
+    dc = info.get("data_consistency") or {}
+    run = {"dc_strength": dc.get("strength", 0.0), "dc_crlb_factor": dc.get("crlb_factor", 0.0),
+           **{k: info.get(k) for k in _CALIBRATION_SETTINGS[2:]}}
+    entry = {"dc_crlb_factor": 0.0, **entry}  # entries written before the CRLB bound: none
     differ = [k for k in _CALIBRATION_SETTINGS if entry.get(k) != run[k]]
     if differ:
         return 1.0, {"factor": 1.0, "note": "uncalibrated: fitted with other settings (" + ", ".join(
@@ -394,15 +398,15 @@ class BundleMapper:
         from ..bundle.transforms import SliceConditiond
 
         self._conditioner = SliceConditiond(self.fit_condition, self.protocol)  # the bundle's own preprocessing
-        self.dc_strength, self.dc_noise, self.dc_coils = 0.0, "rician", 1
 
     def set_data_consistency(self, strength: float | None = None, noise: str = "rician", n_coils: int = 1,
-                             protocol=None) -> None:
+                             protocol=None, crlb_factor: float | None = None) -> None:
         """The Diffusor's data-consistency step (:mod:`custom_components.methods.data_consistency`) for
         the following :meth:`map_slice` calls: ``strength`` the relative prior width (0: off; None: the
         bundle config's ``dc_strength``, else the package default), ``noise``/``n_coils`` the noise
-        model, ``protocol`` the series' (None: the bundle's)."""
-        from ..methods.data_consistency import DEFAULT_STRENGTH, NOISE_MODELS, DataConsistency
+        model, ``protocol`` the series' (None: the bundle's), ``crlb_factor`` the CRLB bound (None: the
+        bundle config's ``dc_crlb_factor``, else the package default)."""
+        from ..methods.data_consistency import DEFAULT_CRLB_FACTOR, DEFAULT_STRENGTH, NOISE_MODELS, DataConsistency
 
         if self.method != "diffusor":
             raise InputError(f"data-consistency applies to the diffusor only, not to {self.method}")
@@ -410,10 +414,16 @@ class BundleMapper:
             strength = self.parser.get_parsed_content("dc_strength") if "dc_strength" in self.parser else DEFAULT_STRENGTH
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not np.isfinite(strength) or strength < 0:
             raise InputError(f"--dc must be a number >= 0, got {strength!r}")
+        if crlb_factor is None:
+            crlb_factor = (self.parser.get_parsed_content("dc_crlb_factor") if "dc_crlb_factor" in self.parser
+                           else DEFAULT_CRLB_FACTOR)
+        if (isinstance(crlb_factor, bool) or not isinstance(crlb_factor, (int, float)) or not np.isfinite(crlb_factor)
+                or crlb_factor < 0):
+            raise InputError(f"--dc_crlb must be a number >= 0, got {crlb_factor!r}")
         if noise not in NOISE_MODELS:
             raise InputError(f"--noise must be one of {', '.join(NOISE_MODELS)}, got {noise!r}")
-        self.inferer.data_consistency = (DataConsistency(protocol or self.protocol, float(strength), noise, int(n_coils))
-                                         if strength > 0 else None)
+        self.inferer.data_consistency = (DataConsistency(protocol or self.protocol, float(strength), noise, int(n_coils),
+                                                         crlb_factor=float(crlb_factor)) if strength > 0 else None)
 
     def check_protocol(self, series: IRSeries) -> None:
         """A learned model maps only the protocol it was trained for (re-train for another one).
@@ -446,7 +456,7 @@ class BundleMapper:
         if self.method == "diffusor":
             dc = self.inferer.data_consistency
             if dc is not None and dc.protocol is not protocol and protocol is not None:
-                self.set_data_consistency(dc.strength, dc.noise, dc.n_coils, protocol)
+                self.set_data_consistency(dc.strength, dc.noise, dc.n_coils, protocol, dc.crlb_factor)
             dc_on = dc is not None and sigma is not None and np.isfinite(sigma) and sigma > 0
             # sigma / scale as the bundle config computes it (NoiseSigmad: float32), so both give the same maps
             pred = self.inferer(cond, self.network, sigma=(torch.full((1,), float(sigma)) / s.float()) if dc_on else None)
@@ -471,7 +481,8 @@ def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, met
                            weights=None, samples: int | None = None, steps: int | None = None,
                            sampler: str | None = None, device: str = "cpu", progress: bool = True, sigma=None,
                            seed: int | None = None, symmetry: str | None = None, variant: str | None = None,
-                           dc: float | None = None, noise: str = "rician", n_coils: int = 1, **_):
+                           dc: float | None = None, dc_crlb: float | None = None, noise: str = "rician",
+                           n_coils: int = 1, **_):
     """Map every slice of a series with a trained bundle; returns a :class:`custom_components.mapping.MappingResult`.
 
     ``seed``: the Diffusor's seed of the ensemble's initial noise (None: the bundle's, 0, so
@@ -488,14 +499,16 @@ def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, met
     estimated from the series' background (if there is none: unknown; the RIM then uses the Gaussian
     likelihood and the Diffusor runs without data-consistency, which its sidecar says).
     ``dc``: the Diffusor's data-consistency strength (:mod:`custom_components.methods.data_consistency`;
-    0: off; None: the bundle's default), with the noise model ``noise``/``n_coils`` (as for the fit)."""
+    0: off; None: the bundle's default), ``dc_crlb`` its CRLB bound (None: the bundle's default), with the
+    noise model ``noise``/``n_coils`` (as for the fit)."""
     from ..methods.fitting import signal_mask
     from .results import MappingResult
 
     overrides = {k: v for k, v in (("n_samples", samples), ("steps", steps), ("sampler", sampler), ("seed", seed),
                                    ("symmetry", symmetry)) if v is not None}
-    if method != "diffusor" and (overrides or dc is not None):
-        raise InputError(f"--samples/--steps/--sampler/--seed/--symmetry/--dc apply to the diffusor only, not to {method}")
+    if method != "diffusor" and (overrides or dc is not None or dc_crlb is not None):
+        raise InputError(f"--samples/--steps/--sampler/--seed/--symmetry/--dc/--dc_crlb apply to the diffusor only, "
+                         f"not to {method}")
     from ..methods.inferers import SAMPLERS, SYMMETRIES
 
     for flag, value, choices in (("sampler", sampler, SAMPLERS), ("symmetry", symmetry, SYMMETRIES)):
@@ -519,7 +532,7 @@ def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, met
         sigma, noise_info = noise_level(method, data, sigma, noise, int(n_coils))
         info.update(noise_info)
     if method == "diffusor":
-        mapper.set_data_consistency(dc, noise, int(n_coils), series.protocol)
+        mapper.set_data_consistency(dc, noise, int(n_coils), series.protocol, dc_crlb)
         info.update(mapper.info())
         if mapper.inferer.data_consistency is not None and sigma is None:
             info["data_consistency"] = {"strength": 0.0, "note": "skipped: no noise level (no signal-free background; pass --sigma)"}

@@ -13,7 +13,20 @@ with q = (a, c, u) = (PD, PD B, log T1), q0 the network's estimate and the prior
     delta_u = w,   delta_a = w a0',   delta_c = 2 w a0',   a0' = max(a0, sigma)
 
 (``w`` = the ``strength``: the network's estimate is trusted to within a relative std w in T1, PD and
-PD B; 2 a0 is the scale of PD B for B <= 2). ``w = 0`` leaves x0_hat unchanged (no data-consistency);
+PD B; 2 a0 is the scale of PD B for B <= 2).
+
+The CRLB bound (``crlb_factor`` k > 0): where the images determine T1, the network may not outweigh
+them. The prior is widened voxel by voxel to
+
+    w_vox = max(w, k min(r, r_max)),   r = sqrt([F^-1]_uu),  F = J'J / sigma^2 at the network's estimate
+
+(r the relative Cramér-Rao bound of T1 for Gaussian noise of std sigma; r_max = ``CRLB_DETERMINED`` = 10 %,
+the issue-20 threshold above which T1 counts as not determined), all three widths scaled alike. The data's
+precision of log T1, with PD and PD B free, is at least 1/r^2 (a Schur complement, which the prior on
+(a, c) only raises), so where r <= r_max an error of the network in T1 alone reaches the result with a
+weight of at most r^2 / (r^2 + k^2 r^2) = 1 / (1 + k^2), at any SNR; the price is that there the result's
+noise is at least k / sqrt(1 + k^2) of the ML fit's. Where T1 is not determined (r > r_max) the prior's
+width is max(w, k r_max) and the network's estimate leads, as it should: the data cannot. ``w = 0`` leaves x0_hat unchanged (no data-consistency);
 ``w -> inf`` gives the per-voxel maximum-likelihood fit started from the network's estimate (whose
 polarity, the sign of each image's signal, it then keeps). In between, for a voxel whose data
 determine T1 to a relative CRLB r, the result is about the precision-weighted mean of the network's
@@ -53,6 +66,10 @@ from .fitting import cofactors_sym3
 #: half of the robustness suite only: docs/dc_validation.md (``scripts/dc_validation.py``; of 0.02-1, the
 #: most 0.4-2 s spheres meeting the issue-20 targets).
 DEFAULT_STRENGTH = 0.2
+#: The default CRLB bound (0: none); chosen with the strength (docs/dc_validation.md).
+DEFAULT_CRLB_FACTOR = 0.0
+#: Relative CRLB of T1 above which the protocol does not determine T1 (issue 20; the reports' threshold).
+CRLB_DETERMINED = 0.10
 LOG_T1_BOUNDS = (np.log(0.002), np.log(24.0))  # s
 NOISE_MODELS = ("rician", "ncchi", "gaussian")
 
@@ -90,9 +107,12 @@ class DataConsistency:
     Args:
         protocol: the acquisition of the measured images.
         strength: w, the relative width of the prior around the network's estimate (0: off).
+        crlb_factor: k, the CRLB bound (module doc): the prior is at least k times the relative CRLB
+            of T1 wide (up to ``CRLB_DETERMINED``); 0: no bound.
         noise: "rician", "ncchi" (root-sum-of-squares of ``n_coils``) or "gaussian".
         n_coils: coils of the noncentral-chi model.
         n_iter: majorize + Gauss-Newton iterations per call.
+        polarity_rounds: how often the voxels whose signal changed polarity are solved again (:meth:`prox`).
         min_snr: voxels whose maximum image is below min_snr x sigma are left unchanged.
         labels_apparent: whether the network's labels are apparent parameters of the full-recovery
             model (None: :func:`custom_components.data.synthesis.labels_are_apparent` of ``protocol``).
@@ -102,9 +122,12 @@ class DataConsistency:
 
     def __init__(self, protocol: Protocol, strength: float = DEFAULT_STRENGTH, noise: str = "rician",
                  n_coils: int = 1, n_iter: int = 2, min_snr: float = 5.0, labels_apparent: bool | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, crlb_factor: float = DEFAULT_CRLB_FACTOR,
+                 polarity_rounds: int = 2):
         if not np.isfinite(strength) or strength < 0:
             raise ValueError(f"data-consistency strength must be a number >= 0, got {strength!r}")
+        if not np.isfinite(crlb_factor) or crlb_factor < 0:
+            raise ValueError(f"data-consistency CRLB factor must be a number >= 0, got {crlb_factor!r}")
         if noise not in NOISE_MODELS:
             raise ValueError(f"noise must be one of {NOISE_MODELS}, got {noise!r}")
         if int(n_coils) < 1:
@@ -113,9 +136,11 @@ class DataConsistency:
 
         self.protocol = protocol
         self.strength = float(strength)
+        self.crlb_factor = float(crlb_factor)
         self.noise = noise
         self.n_coils = int(n_coils) if noise == "ncchi" else 1
         self.n_iter = int(n_iter)
+        self.polarity_rounds = int(polarity_rounds)
         self.dtype = dtype
         self.min_snr = float(min_snr)
         self.apparent = labels_are_apparent(protocol) if labels_apparent is None else bool(labels_apparent)
@@ -147,28 +172,67 @@ class DataConsistency:
             return y
         return y * bessel_ratio(self.n_coils, y * mu / sigma.clamp_min(1e-12) ** 2)
 
-    def _prior_precision(self, a_ref: torch.Tensor):
+    def _prior_precision(self, a_ref: torch.Tensor, fisher=None):
         """The prior's precisions of (a, c, u) in units of sigma: 1/delta^2 with delta = (w a', 2 w a', w),
-        a' = max(|PD|, sigma) / sigma (module doc)."""
-        w = self.strength
-        return 1 / (w * a_ref) ** 2, 1 / (2 * w * a_ref) ** 2, torch.full_like(a_ref, 1 / w**2)
+        a' = max(|PD|, sigma) / sigma, and w widened to max(w, k min(r, r_max)) by the CRLB bound, r from
+        ``fisher`` = the six entries of J'J (in units of sigma) at the estimate (module doc)."""
+        w = torch.full_like(a_ref, self.strength)
+        if self.crlb_factor > 0 and fisher is not None:
+            *_, c22, det = cofactors_sym3(*fisher)
+            r = torch.sqrt((c22 / det).clamp_min(0))  # sqrt([F^-1]_uu): relative CRLB of T1
+            r = torch.where(torch.isfinite(r) & (det > 0), r, torch.full_like(r, np.inf)).clamp_max(CRLB_DETERMINED)
+            w = torch.maximum(w, self.crlb_factor * r)
+        return 1 / (w * a_ref) ** 2, 1 / (2 * w * a_ref) ** 2, 1 / w**2
+
+    @staticmethod
+    def _fisher(f1, f2, j2):
+        """The six entries of J'J (h00, h01, h02, h11, h12, h22) for the Jacobian columns f1, f2, j2 (V, N)."""
+        return ((f1 * f1).sum(1), (f1 * f2).sum(1), (f1 * j2).sum(1), (f2 * f2).sum(1), (f2 * j2).sum(1),
+                (j2 * j2).sum(1))
 
     def prox(self, q0: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The proximal step for voxels q0 (V, 3) = (a, c, log T1), data y (V, N), sigma (V,), computed in
-        the dtype of ``q0`` (the sampler uses float32; tests float64)."""
+        the dtype of ``q0`` (the sampler uses float32; tests float64).
+
+        Magnitude data carry no sign: the signed data are y with the polarity of the signal at the current
+        estimate. A network that is far off in T1 puts the signal's null at the wrong inversion time, and
+        with that polarity the data would pull toward a wrong answer. So after the Gauss-Newton
+        iterations the polarity is taken again at the result, and the voxels where it changed are
+        majorized and solved again from there (up to ``polarity_rounds`` times)."""
         sig = sigma.to(q0)[:, None]
         y = y.to(q0)
         a_ref = torch.maximum(q0[:, 0].abs(), sig[:, 0]) / sig[:, 0]
         # in units of sigma: a, c and the data divided by sigma, so the cost is sum r^2 + prior
-        p0, p1, p2 = self._prior_precision(a_ref)
         a0, c0, u0 = q0[:, 0] / sig[:, 0], q0[:, 1] / sig[:, 0], q0[:, 2]
-        a, c, u = a0, c0, u0
+        f1, f2, d1, d2 = self._basis(u0)
+        prec = self._prior_precision(a_ref, self._fisher(f1, f2, a0[:, None] * d1 + c0[:, None] * d2)
+                                     if self.crlb_factor > 0 else None)
+        ys = y / sig
+        a, c, u = self._gauss_newton(a0, c0, u0, (a0, c0, u0), prec, ys)
+        negative = self.signal(q0 / torch.cat([sig, sig, torch.ones_like(sig)], 1)) < 0  # the polarity used
+        for _ in range(self.polarity_rounds):
+            now = self.signal(torch.stack([a, c, u], 1)) < 0
+            changed = (now != negative).any(1)
+            if not bool(changed.any()):
+                break
+            idx = changed.nonzero()[:, 0]
+            negative[idx] = now[idx]
+            res = self._gauss_newton(a[idx], c[idx], u[idx], (a0[idx], c0[idx], u0[idx]), tuple(p[idx] for p in prec),
+                                     ys[idx])
+            a, c, u = a.clone(), c.clone(), u.clone()
+            a[idx], c[idx], u[idx] = res
+        return torch.stack([a * sig[:, 0], c * sig[:, 0], u], dim=1)
+
+    def _gauss_newton(self, a, c, u, anchor, prec, ys):
+        """``n_iter`` Gauss-Newton steps on sum_n (s_n - y~_n)^2 + prior from (a, c, u) (units of sigma), with
+        y~ the majorize-minimize data of ``ys`` (magnitudes / sigma) at (a, c, u) with its polarity."""
+        a0, c0, u0 = anchor
+        p0, p1, p2 = prec
         lo, hi = LOG_T1_BOUNDS
         f1, f2, d1, d2 = self._basis(u)
         s = a[:, None] * f1 + c[:, None] * f2
-        # one majorization at the network's estimate (with its polarity); the sampler's next step
-        # majorizes again at its own estimate
-        ys = self._effective_data(y, s.abs() * sig, sig) * torch.where(s < 0, -1.0, 1.0).to(s) / sig
+        one = torch.ones((), dtype=s.dtype)
+        ys = self._effective_data(ys, s.abs(), one) * torch.where(s < 0, -1.0, 1.0).to(s)
         r = s - ys
         cost = (r * r).sum(1)
         step = torch.ones_like(a)
@@ -192,7 +256,7 @@ class DataConsistency:
             bb = better[:, None]
             r, cost = torch.where(bb, r2, r), torch.where(better, cost2, cost)
             f1, f2, d1, d2 = (torch.where(bb, new, old) for new, old in zip(b2, (f1, f2, d1, d2)))
-        return torch.stack([a * sig[:, 0], c * sig[:, 0], u], dim=1)
+        return a, c, u
 
     # ------------------------------------------------------------------ network space
     @torch.no_grad()
@@ -242,11 +306,11 @@ class DataConsistency:
         active = y.amax(dim=0) > self.min_snr * sigma
         t1 = lab[0][active].clamp(float(np.exp(LOG_T1_BOUNDS[0])), float(np.exp(LOG_T1_BOUNDS[1])))
         a, c, u = lab[1][active] / sigma, lab[1][active] * lab[2][active] / sigma, torch.log(t1)
-        p0, p1, p2 = self._prior_precision(a.abs().clamp_min(1.0))
         f1, f2, d1, d2 = self._basis(u)
         j2 = a[:, None] * d1 + c[:, None] * d2
-        h = [(f1 * f1).sum(1) + p0, (f1 * f2).sum(1), (f1 * j2).sum(1), (f2 * f2).sum(1) + p1, (f2 * j2).sum(1),
-             (j2 * j2).sum(1) + p2]
+        fisher = self._fisher(f1, f2, j2)
+        p0, p1, p2 = self._prior_precision(a.abs().clamp_min(1.0), fisher)
+        h = [fisher[0] + p0, fisher[1], fisher[2], fisher[3] + p1, fisher[4], fisher[5] + p2]
         one, zero = torch.ones_like(a), torch.zeros_like(a)
         c_a = _solve_sym3(*h, one, zero, zero)  # first column of H^-1
         c_c = _solve_sym3(*h, zero, one, zero)
@@ -262,9 +326,9 @@ class DataConsistency:
 
     def describe(self) -> dict:
         """What the output sidecars record about the step."""
-        return {"strength": self.strength, "noise": self.noise, "n_coils": self.n_coils, "iterations": self.n_iter,
+        return {"strength": self.strength, "crlb_factor": self.crlb_factor, "noise": self.noise, "n_coils": self.n_coils, "iterations": self.n_iter,
                 "model": "apparent full-recovery parameters (constant finite TR)" if self.apparent
                 else "finite TR with the echo train's readout" if self.rec is not None else "full recovery"}
 
 
-__all__ = ["DataConsistency", "DEFAULT_STRENGTH", "NOISE_MODELS"]
+__all__ = ["DataConsistency", "DEFAULT_STRENGTH", "DEFAULT_CRLB_FACTOR", "CRLB_DETERMINED", "NOISE_MODELS"]
