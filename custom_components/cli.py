@@ -180,7 +180,8 @@ class QMRI:
                 model_fitcond_nist15.pt for nist15); no fitting weights: a one-line error. Every
                 sidecar names the weights (file, sha256, card).
             variant: diffusor: "images" for the paper's images-only model (models/model.pt for the
-                paper protocol), "fit" for fit-conditioned weights only; default: the best.
+                paper protocol, model_nist15.pt for nist15), "fit" for fit-conditioned weights only;
+                default: the best.
             bids: write OUT as a BIDS derivatives dataset (dataset_description.json, sub-<label>/anat/
                 sub-<label>_desc-<method>_T1map.nii.gz and friends with sidecars); the subject (and session)
                 label comes from the input's BIDS name or --subject/--session.

@@ -88,6 +88,9 @@ def main():
     ap.add_argument("--plate_indices", default=None, help="only these plates of the first --plates (comma separated)")
     ap.add_argument("--strengths", default="0,0.03,0.05,0.1")
     ap.add_argument("--calibration_out", default="bundles/diffusor/models/std_calibration.json")
+    ap.add_argument("--weights", default=None, help="a weights file (with its card beside it) instead of the "
+                    "bundle's choice per protocol; give --protocols to match")
+    ap.add_argument("--protocols", default="paper,nist15")
     a = ap.parse_args()
     t0 = time.perf_counter()
     settings_list = [tuple(float(v) for v in (x.split(":") + ["0"])[:2]) for x in a.strengths.split(",")]
@@ -95,7 +98,10 @@ def main():
     specs = [MethodSpec("mle", "classical fit (ML)", "mle")]
     specs += [MethodSpec(f"dc{name}", f"Diffusor, dc {name}", "diffusor", {"dc": w, "dc_crlb": k})
               for name, (w, k) in zip(strengths, settings_list)]
-    scenes = robustness_scenes("validation", n_plates=a.plates, n_brains=a.brains)
+    if a.weights:
+        specs = specs[:1] + [MethodSpec(s.key, s.label, s.method, {**s.options, "weights": a.weights}) for s in specs[1:]]
+    scenes = robustness_scenes("validation", n_plates=a.plates, n_brains=a.brains,
+                               protocols=tuple(a.protocols.split(",")))
     keep = None if a.plate_indices is None else {int(i) for i in a.plate_indices.split(",")}
     plates = [sc for sc in scenes if sc.kind == "plate" and (keep is None or sc.index in keep)]
     runs = [run_scene(sc, specs) for sc in plates]  # the choice: plates only (the rule is on their spheres)
@@ -120,7 +126,9 @@ def main():
         settings[wfile] = {k: res.info.get(k) for k in ("n_samples", "network_evaluations_per_sample", "sampler", "symmetry")}
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = (f"python scripts/dc_validation.py --out {a.out} --plates {a.plates} --brains {a.brains} "
-           f"--strengths {a.strengths}" + (f" --plate_indices {a.plate_indices}" if a.plate_indices else ""))
+           f"--strengths {a.strengths}" + (f" --plate_indices {a.plate_indices}" if a.plate_indices else "")
+           + (f" --weights {a.weights}" if a.weights else "")
+           + (f" --protocols {a.protocols}" if a.protocols != "paper,nist15" else ""))
     calib = {}
     for wfile, samples in by_weights.items():
         c = calibration_factor(samples)

@@ -53,10 +53,17 @@ def test_the_papers_images_only_model_is_one_flag_away(tmp_path, capsys):
     w = _weights(tmp_path / "m")
     assert w["File"] == "model.pt" and w["SHA256"] == hashlib.sha256((MODELS / "model.pt").read_bytes()).hexdigest()
     assert json.loads((tmp_path / "m" / "T1map.json").read_text())["Fit"]["fit_condition"] is False
-    # there is no images-only model for nist15, and --variant is the diffusor's and cannot go with --weights
+    # nist15 (TR 1 s) has its own images-only model (0.8.0), chosen only when asked for
     n15 = _series_file(tmp_path / "n15.nii.gz", "nist15")
-    for args, msg in ((["--method", "diffusor", "--variant", "images"], "no diffusor (images only) weights"),
-                      (["--method", "diffusor", "--variant", "best"], "--variant must be one of images, fit"),
+    assert main(["map", str(n15), "--out", str(tmp_path / "m15"), "--method", "diffusor", "--variant", "images", *FAST]) == 0
+    assert _weights(tmp_path / "m15")["File"] == "model_nist15.pt"
+    # the Siemens variable TR has none; --variant is the diffusor's and cannot go with --weights
+    vtr = _series_file(tmp_path / "vtr.nii.gz", "nist15_variable_tr")
+    capsys.readouterr()
+    assert main(["map", str(vtr), "--out", str(tmp_path / "x"), "--method", "diffusor", "--variant", "images", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no diffusor (images only) weights" in err and err.count("\n") == 1 and not (tmp_path / "x").exists(), err
+    for args, msg in ((["--method", "diffusor", "--variant", "best"], "--variant must be one of images, fit"),
                       (["--method", "resnet", "--variant", "images"], "--variant applies to the diffusor only"),
                       (["--method", "diffusor", "--variant", "fit", "--weights", str(MODELS / "model_fitcond_nist15.pt")],
                        "cannot go with --weights")):
@@ -72,7 +79,8 @@ def test_an_unknown_protocol_is_refused_with_one_line_naming_the_shipped_weights
     assert main(["map", str(src), "--out", str(tmp_path / "m"), "--method", "diffusor", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("qmri: error: no diffusor weights") and err.count("\n") == 1
-    for name in ("model.pt", "model_fitcond.pt", "model_fitcond_nist15.pt", "model_fitcond_nist15_variable_tr.pt"):
+    for name in ("model.pt", "model_fitcond.pt", "model_fitcond_nist15.pt", "model_fitcond_nist15_variable_tr.pt",
+                 "model_nist15.pt"):
         assert name in err
     assert "TR 5.0 s" in err and not (tmp_path / "m").exists()
 
