@@ -204,33 +204,34 @@ class DataConsistency:
         a_ref = torch.maximum(q0[:, 0].abs(), sig[:, 0]) / sig[:, 0]
         # in units of sigma: a, c and the data divided by sigma, so the cost is sum r^2 + prior
         a0, c0, u0 = q0[:, 0] / sig[:, 0], q0[:, 1] / sig[:, 0], q0[:, 2]
-        f1, f2, d1, d2 = self._basis(u0)
+        basis = self._basis(u0)
+        f1, f2, d1, d2 = basis
         prec = self._prior_precision(a_ref, self._fisher(f1, f2, a0[:, None] * d1 + c0[:, None] * d2)
                                      if self.crlb_factor > 0 else None)
         ys = y / sig
-        a, c, u = self._gauss_newton(a0, c0, u0, (a0, c0, u0), prec, ys)
-        negative = self.signal(q0 / torch.cat([sig, sig, torch.ones_like(sig)], 1)) < 0  # the polarity used
+        a, c, u, used, now = self._gauss_newton(a0, c0, u0, (a0, c0, u0), prec, ys, basis)
         for _ in range(self.polarity_rounds):
-            now = self.signal(torch.stack([a, c, u], 1)) < 0
-            changed = (now != negative).any(1)
+            changed = (now != used).any(1)
             if not bool(changed.any()):
                 break
             idx = changed.nonzero()[:, 0]
-            negative[idx] = now[idx]
             res = self._gauss_newton(a[idx], c[idx], u[idx], (a0[idx], c0[idx], u0[idx]), tuple(p[idx] for p in prec),
                                      ys[idx])
-            a, c, u = a.clone(), c.clone(), u.clone()
-            a[idx], c[idx], u[idx] = res
+            a, c, u, used, now = a.clone(), c.clone(), u.clone(), used.clone(), now.clone()
+            a[idx], c[idx], u[idx], used[idx], now[idx] = res
         return torch.stack([a * sig[:, 0], c * sig[:, 0], u], dim=1)
 
-    def _gauss_newton(self, a, c, u, anchor, prec, ys):
+    def _gauss_newton(self, a, c, u, anchor, prec, ys, basis=None):
         """``n_iter`` Gauss-Newton steps on sum_n (s_n - y~_n)^2 + prior from (a, c, u) (units of sigma), with
-        y~ the majorize-minimize data of ``ys`` (magnitudes / sigma) at (a, c, u) with its polarity."""
+        y~ the majorize-minimize data of ``ys`` (magnitudes / sigma) at (a, c, u) with its polarity
+        (``basis``: :meth:`_basis` of u, if already computed). Returns the new (a, c, u), the polarity used
+        (signal < 0, (V, N)) and the polarity of the signal at the result."""
         a0, c0, u0 = anchor
         p0, p1, p2 = prec
         lo, hi = LOG_T1_BOUNDS
-        f1, f2, d1, d2 = self._basis(u)
+        f1, f2, d1, d2 = self._basis(u) if basis is None else basis
         s = a[:, None] * f1 + c[:, None] * f2
+        used = s < 0
         one = torch.ones((), dtype=s.dtype)
         ys = self._effective_data(ys, s.abs(), one) * torch.where(s < 0, -1.0, 1.0).to(s)
         r = s - ys
@@ -251,12 +252,13 @@ class DataConsistency:
                                               <= cost + p0 * (a - a0) ** 2 + p1 * (c - c0) ** 2 + p2 * (u - u0) ** 2)
             a, c, u = torch.where(better, a2, a), torch.where(better, c2, c), torch.where(better, u2, u)
             if it + 1 == self.n_iter:
+                s = torch.where(better[:, None], r2, r) + ys  # the signal at the result (r = s - y~)
                 break
             step = torch.where(better, torch.ones_like(step), step * 0.25)  # a rejected step is retried shorter
             bb = better[:, None]
             r, cost = torch.where(bb, r2, r), torch.where(better, cost2, cost)
             f1, f2, d1, d2 = (torch.where(bb, new, old) for new, old in zip(b2, (f1, f2, d1, d2)))
-        return a, c, u
+        return a, c, u, used, s < 0
 
     # ------------------------------------------------------------------ network space
     @torch.no_grad()
