@@ -94,7 +94,7 @@ def test_weights_for_protocol_reads_the_shipped_cards():
     assert weights_for_protocol("resnet", get_protocol("nist15")).name == "model_nist15.pt"
     assert weights_for_protocol("resnet", get_protocol("nist15_variable_tr")).name == "model_nist15_variable_tr.pt"
     assert weights_for_protocol("diffusor", get_protocol("nist15"), fit_condition=True).name == "model_fitcond_nist15.pt"
-    assert weights_for_protocol("diffusor", get_protocol("nist15")) is None  # images-only variant: not trained
+    assert weights_for_protocol("diffusor", get_protocol("nist15")).name == "model_nist15.pt"  # images only (0.8.0)
     assert weights_for_protocol("diffusor", get_protocol("nist15_variable_tr"),
                                 fit_condition=True).name == "model_fitcond_nist15_variable_tr.pt"
     assert weights_for_protocol("diffusor", get_protocol("nist15_variable_tr")) is None
