@@ -204,36 +204,17 @@ class QMRI:
 
         samples, steps, seed = _check_map_flags(method, noise, n_coils, sigma, samples, steps, sampler, symmetry,
                                                 seed, device)
-        if tv_weight is not None:
-            import math
+        import math
 
-            from .io import InputError
+        from .io import InputError
 
-            if method != "tv":
-                raise InputError(f"--tv_weight applies to --method tv only, not to {method}")
-            if isinstance(tv_weight, bool) or not isinstance(tv_weight, (int, float)) or not math.isfinite(tv_weight) \
-                    or tv_weight < 0:
-                raise InputError(f"--tv_weight must be a number >= 0, got {tv_weight!r}")
-
-        if dc is not None:
-            import math
-
-            from .io import InputError
-
-            if method != "diffusor":
-                raise InputError(f"--dc applies to --method diffusor only, not to {method}")
-            if isinstance(dc, bool) or not isinstance(dc, (int, float)) or not math.isfinite(dc) or dc < 0:
-                raise InputError(f"--dc must be a number >= 0, got {dc!r}")
-        if dc_crlb is not None:
-            import math
-
-            from .io import InputError
-
-            if method != "diffusor":
-                raise InputError(f"--dc_crlb applies to --method diffusor only, not to {method}")
-            if isinstance(dc_crlb, bool) or not isinstance(dc_crlb, (int, float)) or not math.isfinite(dc_crlb) \
-                    or dc_crlb < 0:
-                raise InputError(f"--dc_crlb must be a number >= 0, got {dc_crlb!r}")
+        for flag, value, owner in (("tv_weight", tv_weight, "tv"), ("dc", dc, "diffusor"), ("dc_crlb", dc_crlb, "diffusor")):
+            if value is None:
+                continue
+            if method != owner:
+                raise InputError(f"--{flag} applies to --method {owner} only, not to {method}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise InputError(f"--{flag} must be a number >= 0, got {value!r}")
 
         series = load_series(input, tis=_floats(tis, "--tis"), tr=(None if tr is None else (lambda v: v[0] if len(v) == 1 else v)(_floats(tr, "--tr"))),
                              echo_spacing=_one(echo_spacing, "--echo_spacing"), etl=_one(etl, "--etl"))
