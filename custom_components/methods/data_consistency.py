@@ -13,7 +13,13 @@ with q = (a, c, u) = (PD, PD B, log T1), q0 the network's estimate and the prior
     delta_u = w,   delta_a = w a0',   delta_c = 2 w a0',   a0' = max(a0, sigma)
 
 (``w`` = the ``strength``: the network's estimate is trusted to within a relative std w in T1, PD and
-PD B; 2 a0 is the scale of PD B for B <= 2).
+PD B; 2 a0 is the scale of PD B for B <= 2). ``w = 0`` leaves x0_hat unchanged (no data-consistency);
+``w -> inf`` gives the per-voxel maximum-likelihood fit started from the network's estimate (the
+polarity, the sign of each image's signal, taken from the estimate and again from the result:
+:meth:`DataConsistency.prox`). In between, for a voxel whose data
+determine T1 to a relative CRLB r, the result is about the precision-weighted mean of the network's
+value and the ML value, with weight r^2 / (r^2 + w^2) on the network: its bias is cut by that factor
+and the noise of the ML value is shrunk by w^2 / (r^2 + w^2).
 
 The CRLB bound (``crlb_factor`` k > 0): where the images determine T1, the network may not outweigh
 them. The prior is widened voxel by voxel to
@@ -26,12 +32,7 @@ precision of log T1, with PD and PD B free, is at least 1/r^2 (a Schur complemen
 (a, c) only raises), so where r <= r_max an error of the network in T1 alone reaches the result with a
 weight of at most r^2 / (r^2 + k^2 r^2) = 1 / (1 + k^2), at any SNR; the price is that there the result's
 noise is at least k / sqrt(1 + k^2) of the ML fit's. Where T1 is not determined (r > r_max) the prior's
-width is max(w, k r_max) and the network's estimate leads, as it should: the data cannot. ``w = 0`` leaves x0_hat unchanged (no data-consistency);
-``w -> inf`` gives the per-voxel maximum-likelihood fit started from the network's estimate (whose
-polarity, the sign of each image's signal, it then keeps). In between, for a voxel whose data
-determine T1 to a relative CRLB r, the result is about the precision-weighted mean of the network's
-value and the ML value, with weight r^2 / (r^2 + w^2) on the network: its bias is cut by that factor
-and the noise of the ML value is shrunk by w^2 / (r^2 + w^2).
+width is max(w, k r_max) and the network's estimate leads, as it should: the data cannot.
 
 Signal model: the training labels' own model (:func:`custom_components.data.synthesis.labels_are_apparent`):
 for a constant finite TR the labels are apparent parameters of the full-recovery model, which
@@ -45,9 +46,11 @@ per channel (from the image background, or given). The likelihood is handled by 
 in the classical fit (:mod:`custom_components.methods.fitting`): the data are replaced by
 y I_n(z) / I_{n-1}(z), z = y |s| / sigma^2 at the network's estimate (with its polarity), and
 ``n_iter`` Gauss-Newton steps solve the resulting least-squares problem with the prior, each kept only
-where it lowers that cost (a rejected step is retried at a quarter of its length). One majorization per call: the sampler's next step majorizes again at its
-own estimate, so over the steps of a sampler the majorize-minimize iteration goes on. Voxels whose maximum over inversion times is below
-``min_snr`` x sigma (background) are left as the network gave them.
+where it lowers that cost (a rejected step is retried at a quarter of its length). One majorization
+per call (and one more for each voxel solved again with a new polarity): the sampler's next step
+majorizes again at its own estimate, so over the steps of a sampler the majorize-minimize iteration
+goes on. Voxels whose maximum over inversion times is below ``min_snr`` x sigma (background) are left
+as the network gave them.
 
 Everything is in the network's space at the boundary (y = 2 tanh(x) - 1 of
 :mod:`custom_components.methods.scaling`) with images divided by the signal scale, so PD is in the
