@@ -410,20 +410,19 @@ class BundleMapper:
 
         if self.method != "diffusor":
             raise InputError(f"data-consistency applies to the diffusor only, not to {self.method}")
-        if strength is None:
-            strength = self.parser.get_parsed_content("dc_strength") if "dc_strength" in self.parser else DEFAULT_STRENGTH
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not np.isfinite(strength) or strength < 0:
-            raise InputError(f"--dc must be a number >= 0, got {strength!r}")
-        if crlb_factor is None:
-            crlb_factor = (self.parser.get_parsed_content("dc_crlb_factor") if "dc_crlb_factor" in self.parser
-                           else DEFAULT_CRLB_FACTOR)
-        if (isinstance(crlb_factor, bool) or not isinstance(crlb_factor, (int, float)) or not np.isfinite(crlb_factor)
-                or crlb_factor < 0):
-            raise InputError(f"--dc_crlb must be a number >= 0, got {crlb_factor!r}")
+        values = []
+        for flag, key, value, default in (("--dc", "dc_strength", strength, DEFAULT_STRENGTH),
+                                          ("--dc_crlb", "dc_crlb_factor", crlb_factor, DEFAULT_CRLB_FACTOR)):
+            if value is None:  # the bundle config's, else the package default
+                value = self.parser.get_parsed_content(key) if key in self.parser else default
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+                raise InputError(f"{flag} must be a number >= 0, got {value!r}")
+            values.append(float(value))
+        strength, crlb_factor = values
         if noise not in NOISE_MODELS:
             raise InputError(f"--noise must be one of {', '.join(NOISE_MODELS)}, got {noise!r}")
-        self.inferer.data_consistency = (DataConsistency(protocol or self.protocol, float(strength), noise, int(n_coils),
-                                                         crlb_factor=float(crlb_factor)) if strength > 0 else None)
+        self.inferer.data_consistency = (DataConsistency(protocol or self.protocol, strength, noise, int(n_coils),
+                                                         crlb_factor=crlb_factor) if strength > 0 else None)
 
     def check_protocol(self, series: IRSeries) -> None:
         """A learned model maps only the protocol it was trained for (re-train for another one).
