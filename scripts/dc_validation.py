@@ -171,11 +171,12 @@ def main():
            f"{sum(o for o, d in fit_ok if d)} of {sum(d for _, d in fit_ok)} determined spheres and "
            f"{sum(o for o, _ in fit_ok)} of {len(fit_rows)} in all (its std is the reference).", "",
            "## Ensemble-std calibration at the chosen strength (validation brains)", "",
-           "| weights | factor c | coverage 1 / 2 std before | after | Spearman(std, abs. error) |", "|---|---|---|---|---|"]
+           "| weights | factor c | coverage 1 / 2 std before | after | Spearman(std, abs. error) | its ceiling for these stds |",
+           "|---|---|---|---|---|---|"]
     for wfile, c in calib.items():
         b, af = c["before"], c["after"]
         md.append(f"| {wfile} | {c['factor']:.3f} | {100 * b['coverage_1']:.0f} / {100 * b['coverage_2']:.0f} % | "
-                  f"{100 * af['coverage_1']:.0f} / {100 * af['coverage_2']:.0f} % | {b['spearman']:.2f} |")
+                  f"{100 * af['coverage_1']:.0f} / {100 * af['coverage_2']:.0f} % | {b['spearman']:.2f} | {b['spearman_oracle']:.2f} |")
     md += ["", f"Written to `{a.calibration_out}`; "
            "`qmri map` multiplies the ensemble std by c when the run's settings are the ones it was fitted with."]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

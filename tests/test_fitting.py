@@ -230,3 +230,22 @@ def test_rician_ml_is_the_maximum_of_scipys_rician_likelihood():
             assert np.all(np.abs(x_fit - r.x) <= 0.25 * bound), (v, x_fit, r.x, bound)  # measured <= 0.11
             compared += 1
     assert compared >= 0.7 * n
+
+
+@pytest.mark.parametrize("n_coils", [1, 8, 32])
+def test_signal_mask_excludes_the_background_of_root_sum_of_squares_data(n_coils):
+    """The noise floor of n coils is the chi mean sqrt(2) Gamma(n + 1/2) / Gamma(n) sigma (Monte Carlo);
+    the automatic mask keeps (almost) no voxel of a 7-image noise-only background (a fixed 5 sigma kept
+    most of it for 8 or more coils) and every voxel whose signal is 10 sigma above the floor."""
+    from custom_components.methods.fitting import noise_floor, signal_mask
+
+    rng = np.random.default_rng(n_coils)
+    sigma = 0.02
+    noise = rng.standard_normal((2, n_coils, 100, 100, 7)) * sigma
+    background = np.sqrt((noise**2).sum(axis=(0, 1)))
+    assert background.mean() / sigma == pytest.approx(noise_floor(n_coils), rel=5e-3)
+    assert signal_mask(background, sigma, n_coils=n_coils).mean() < 1e-3
+    if n_coils >= 8:
+        assert signal_mask(background, sigma).mean() > 0.1  # the fixed 5 sigma: background counted as signal
+    signal = background + sigma * (noise_floor(n_coils) + 10)
+    assert signal_mask(signal, sigma, n_coils=n_coils).all()

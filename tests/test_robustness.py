@@ -112,6 +112,10 @@ def test_calibration_factor_on_synthetic_gaussian_errors(rng):
     u1 = rb.uncertainty_scores([(t, mu, spread / 2)])  # uncalibrated: 1 std of half the spread covers 38 %
     assert u1["coverage_1"] == pytest.approx(0.383, abs=0.01)
     assert u1["spearman"] > 0.3  # larger std, larger errors
+    # the errors are Gaussian with exactly this std (scaled): the Spearman is at its ceiling
+    assert u1["spearman_oracle"] == pytest.approx(u1["spearman"], abs=0.01)
+    # a std that does not vary between voxels cannot rank errors, however well calibrated
+    assert abs(rb.oracle_spearman(np.full(20_000, 0.1) * (1 + 1e-9 * rng.standard_normal(20_000)))) < 0.03
 
 
 def test_robustness_cli_mle_one_plate_one_brain(tmp_path):

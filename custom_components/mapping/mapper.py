@@ -33,8 +33,10 @@ def _classical(series: IRSeries, mask: np.ndarray | None, noise: str = "rician",
     if sigma is not None:
         info["sigma"] = float(sigma)
     if mask is None:
-        mask = signal_mask(data, sigma=sigma if sigma else None)
-        info["mask"] = "automatic: max over TIs above 5 sigma" if sigma else "automatic: max over TIs above 5 % of the robust maximum"
+        coils = int(n_coils) if noise == "ncchi" else 1
+        mask = signal_mask(data, sigma=sigma if sigma else None, n_coils=coils)
+        info["mask"] = ("automatic: max over TIs above 5 sigma" + (f" above the noise floor of {coils} coils" if coils > 1 else "")
+                        if sigma else "automatic: max over TIs above 5 % of the robust maximum")
     fit = InversionRecoveryModel(series.protocol).fit(data, mask=mask, noise=noise, sigma=sigma,
                                                       n_coils=n_coils, progress=progress)
     return MappingResult(maps={"T1": fit.t1, "PD": fit.pd, "B": fit.b, "residual": fit.residual}, mask=mask,
@@ -56,20 +58,16 @@ def _tv(series: IRSeries, mask: np.ndarray | None, noise: str = "rician", sigma:
     """The TV-regularised ML fit (:mod:`custom_components.methods.regularised`), started from the plain fit."""
     from ..methods.regularised import DEFAULT_TV_WEIGHT, TVRegularisedModel
 
-    if noise == "ncchi" and int(n_coils) > 1:
-        raise InputError("--method tv fits Rician (one coil) or Gaussian noise, not root-sum-of-squares data of "
-                         f"{int(n_coils)} coils (use --method mle)")
-    noise = "gaussian" if noise == "gaussian" else "rician"
     w = DEFAULT_TV_WEIGHT if tv_weight is None else float(tv_weight)
     if not np.isfinite(w) or w < 0:
         raise InputError(f"--tv_weight must be a number >= 0, got {tv_weight!r}")
-    plain = _classical(series, mask, noise=noise, sigma=sigma, n_coils=1, progress=progress)
+    plain = _classical(series, mask, noise=noise, sigma=sigma, n_coils=n_coils, progress=progress)
     fit_noise = plain.info["noise"]  # gaussian where no background gave sigma
     init = IRFit(t1=plain.maps["T1"], pd=plain.maps["PD"], b=plain.maps["B"], residual=plain.maps["residual"],
                  mask=plain.mask, protocol=series.protocol, info=dict(plain.info))
     fit = TVRegularisedModel(series.protocol, tv_weight=w).fit(series.data, mask=plain.mask, noise=fit_noise,
                                                                 sigma=plain.info.get("sigma"), init=init,
-                                                                progress=progress)
+                                                                progress=progress, n_coils=n_coils)
     info = {**{k: v for k, v in plain.info.items() if k not in ("method",)}, **fit.info,
             "init": f"plain {plain.info.get('method')} fit"}
     return MappingResult(maps={"T1": fit.t1, "PD": fit.pd, "B": fit.b, "residual": fit.residual}, mask=plain.mask,

@@ -49,8 +49,9 @@ y I_n(z) / I_{n-1}(z), z = y |s| / sigma^2 at the network's estimate (with its p
 where it lowers that cost (a rejected step is retried at a quarter of its length). One majorization
 per call (and one more for each voxel solved again with a new polarity): the sampler's next step
 majorizes again at its own estimate, so over the steps of a sampler the majorize-minimize iteration
-goes on. Voxels whose maximum over inversion times is below ``min_snr`` x sigma (background) are left
-as the network gave them.
+goes on. Voxels whose maximum over inversion times is below ``min_snr`` x sigma (background; for
+noncentral chi that margin above the noise floor of the coils, whose mean is 4-8 sigma for 8-32 coils)
+are left as the network gave them.
 
 Everything is in the network's space at the boundary (y = 2 tanh(x) - 1 of
 :mod:`custom_components.methods.scaling`) with images divided by the signal scale, so PD is in the
@@ -63,7 +64,7 @@ import numpy as np
 import torch
 
 from ..physics.protocol import Protocol
-from .fitting import cofactors_sym3
+from .fitting import cofactors_sym3, signal_threshold
 
 #: The default strength (relative prior width) of ``qmri map --method diffusor``, chosen on the validation
 #: half of the robustness suite only: docs/dc_validation.md (``scripts/dc_validation.py``; of 0.02-1, the
@@ -75,6 +76,7 @@ DEFAULT_CRLB_FACTOR = 0.0
 CRLB_DETERMINED = 0.10
 LOG_T1_BOUNDS = (np.log(0.002), np.log(24.0))  # s
 NOISE_MODELS = ("rician", "ncchi", "gaussian")
+RICIAN_ASYMPTOTIC_Z = 20.0  # above it :func:`bessel_ratio` (n = 1) uses its asymptotic series
 
 
 def _solve_sym3(h00, h01, h02, h11, h12, h22, b0, b1, b2):
@@ -89,14 +91,24 @@ def _solve_sym3(h00, h01, h02, h11, h12, h22, b0, b1, b2):
 def bessel_ratio(n: int, z: torch.Tensor, terms: int = 8) -> torch.Tensor:
     """I_n(z) / I_{n-1}(z) for z >= 0, elementwise in torch.
 
-    n = 1 (Rician): torch's exponentially scaled Bessel functions. n > 1 (noncentral chi): the ratio
+    n = 1 (Rician): torch's exponentially scaled Bessel functions for z < ``RICIAN_ASYMPTOTIC_Z`` and the
+    asymptotic series 1 - 1/(2z) - 1/(8z^2) - 1/(8z^3) - 25/(128z^4) - 13/(32z^5) above (relative error
+    below 2e-8 there, under float32's resolution; torch's i0e is several times slower than i1e, and the
+    signal voxels of an image have z = y |s| / sigma^2 of order SNR^2, so most need no Bessel function).
+    n > 1 (noncentral chi): the ratio
     r_v = I_{v+1}/I_v obeys r_v = z / (2 (v + 1) + z r_{v+1}) (from I_v - I_{v+2} = 2 (v + 1) I_{v+1} / z),
     a backward recurrence that is stable for this minimal solution; it is started ``terms`` orders
     above from the midpoint of Amos' (1974) bounds z / (v + 1 + sqrt((v + 1)^2 + z^2)) <= r_v <=
     z / (v + 1/2 + sqrt((v + 3/2)^2 + z^2)). Relative error below 1.1e-3 for n = 2..32 and all z
     (tests: against scipy.special.ive)."""
     if n == 1:
-        return torch.special.i1e(z) / torch.special.i0e(z).clamp_min(1e-30)
+        x = 1.0 / z.clamp_min(RICIAN_ASYMPTOTIC_Z)
+        r = 1 - x * (0.5 + x * (0.125 + x * (0.125 + x * (25 / 128 + x * (13 / 32)))))
+        small = z < RICIAN_ASYMPTOTIC_Z
+        if bool(small.any()):
+            zs = z[small]
+            r = r.masked_scatter(small, torch.special.i1e(zs) / torch.special.i0e(zs).clamp_min(1e-30))
+        return r
     top = n - 1 + int(terms)
     r = 0.5 * (z / (top + 1 + torch.sqrt((top + 1) ** 2 + z * z)) + z / (top + 0.5 + torch.sqrt((top + 1.5) ** 2 + z * z)))
     for v in range(top - 1, n - 2, -1):
@@ -116,7 +128,9 @@ class DataConsistency:
         n_coils: coils of the noncentral-chi model.
         n_iter: majorize + Gauss-Newton iterations per call.
         polarity_rounds: how often the voxels whose signal changed polarity are solved again (:meth:`prox`).
-        min_snr: voxels whose maximum image is below min_snr x sigma are left unchanged.
+        min_snr: voxels whose maximum image is below min_snr x sigma (for noncentral chi: that margin above
+            the noise floor of the coils, :func:`custom_components.methods.fitting.signal_threshold`) are
+            left unchanged.
         labels_apparent: whether the network's labels are apparent parameters of the full-recovery
             model (None: :func:`custom_components.data.synthesis.labels_are_apparent` of ``protocol``).
         dtype: of the computation (float32: the network's precision and half the memory traffic of
@@ -146,20 +160,26 @@ class DataConsistency:
         self.polarity_rounds = int(polarity_rounds)
         self.dtype = dtype
         self.min_snr = float(min_snr)
+        # the active voxels' threshold in sigma: min_snr above the noise floor of the coils (signal_threshold)
+        self.threshold_factor = signal_threshold(1.0, self.n_coils, self.min_snr)
         self.apparent = labels_are_apparent(protocol) if labels_apparent is None else bool(labels_apparent)
         self.tis = np.asarray(protocol.tis, dtype=float)
         self.rec = None if self.apparent else protocol.recovery_times_s()
 
     # ------------------------------------------------------------------ the voxel-wise model
+    # Inside the step every per-image array is image-major, (N, V): the sums over the N images are then
+    # reductions over the outer axis, several times faster on a CPU than over an inner axis of length N.
     def _basis(self, u: torch.Tensor):
-        """f1, f2 and their derivatives with respect to u = log T1, each (V, N)."""
-        t1 = torch.exp(u)[:, None]
-        tis = torch.as_tensor(self.tis, dtype=u.dtype, device=u.device)
+        """f1, f2 and their derivatives d1, d2 with respect to u = log T1, each (N, V); s = a f1 + c f2. For
+        the apparent full-recovery model f1 = 1 and d1 = 0, returned as None (the step skips their
+        products: :meth:`_lin`, :meth:`_fisher`)."""
+        t1 = torch.exp(u)[None, :]
+        tis = torch.as_tensor(self.tis, dtype=u.dtype, device=u.device)[:, None]
         e_ti = torch.exp(-tis / t1)
         d_ti = (tis / t1) * e_ti  # d e_ti / du
         if self.rec is None:
-            return torch.ones_like(e_ti), -e_ti, torch.zeros_like(e_ti), -d_ti
-        rec = torch.as_tensor(self.rec, dtype=u.dtype, device=u.device)
+            return None, -e_ti, None, -d_ti
+        rec = torch.as_tensor(self.rec, dtype=u.dtype, device=u.device)[:, None]
         e_rec = torch.exp(-rec / t1)
         d_rec = (rec / t1) * e_rec
         return 1.0 - e_rec, e_rec - e_ti, -d_rec, d_rec - d_ti
@@ -167,7 +187,17 @@ class DataConsistency:
     def signal(self, q: torch.Tensor) -> torch.Tensor:
         """Signed signal (V, N) of q = (a, c, u) (V, 3)."""
         f1, f2, _, _ = self._basis(q[:, 2])
-        return q[:, :1] * f1 + q[:, 1:2] * f2
+        return self._lin(q[:, 0], f1, q[:, 1], f2).T
+
+    @staticmethod
+    def _lin(a, f1, c, f2):
+        """a f1 + c f2 (N, V) for a, c (V,), with f1 None meaning 1, or 0 when f2 is the derivative d1."""
+        return (a if f1 is None else a * f1) + c * f2
+
+    @staticmethod
+    def _dsum(f1, r):
+        """sum_n f1_n r_n (V,), f1 None meaning 1."""
+        return (r if f1 is None else f1 * r).sum(0)
 
     def _effective_data(self, y, mu, sigma):
         """The majorize-minimize data y I_n(z)/I_{n-1}(z), z = y mu / sigma^2 (y itself for Gaussian noise)."""
@@ -189,9 +219,13 @@ class DataConsistency:
 
     @staticmethod
     def _fisher(f1, f2, j2):
-        """The six entries of J'J (h00, h01, h02, h11, h12, h22) for the Jacobian columns f1, f2, j2 (V, N)."""
-        return ((f1 * f1).sum(1), (f1 * f2).sum(1), (f1 * j2).sum(1), (f2 * f2).sum(1), (f2 * j2).sum(1),
-                (j2 * j2).sum(1))
+        """The six entries of J'J (h00, h01, h02, h11, h12, h22) for the Jacobian columns f1, f2, j2 (N, V)
+        (f1 None: a column of ones)."""
+        if f1 is None:
+            h00, h01, h02 = torch.full_like(f2[0], f2.shape[0]), f2.sum(0), j2.sum(0)
+        else:
+            h00, h01, h02 = (f1 * f1).sum(0), (f1 * f2).sum(0), (f1 * j2).sum(0)
+        return h00, h01, h02, (f2 * f2).sum(0), (f2 * j2).sum(0), (j2 * j2).sum(0)
 
     def prox(self, q0: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The proximal step for voxels q0 (V, 3) = (a, c, log T1), data y (V, N), sigma (V,), computed in
@@ -209,58 +243,59 @@ class DataConsistency:
         a0, c0, u0 = q0[:, 0] / sig[:, 0], q0[:, 1] / sig[:, 0], q0[:, 2]
         basis = self._basis(u0)
         f1, f2, d1, d2 = basis
-        prec = self._prior_precision(a_ref, self._fisher(f1, f2, a0[:, None] * d1 + c0[:, None] * d2)
+        prec = self._prior_precision(a_ref, self._fisher(f1, f2, self._lin(a0, d1, c0, d2))
                                      if self.crlb_factor > 0 else None)
-        ys = y / sig
+        ys = (y / sig).T.contiguous()  # (N, V)
         a, c, u, used, now = self._gauss_newton(a0, c0, u0, (a0, c0, u0), prec, ys, basis)
         for _ in range(self.polarity_rounds):
-            changed = (now != used).any(1)
+            changed = (now != used).any(0)
             if not bool(changed.any()):
                 break
             idx = changed.nonzero()[:, 0]
             res = self._gauss_newton(a[idx], c[idx], u[idx], (a0[idx], c0[idx], u0[idx]), tuple(p[idx] for p in prec),
-                                     ys[idx])
+                                     ys[:, idx])
             a, c, u, used, now = a.clone(), c.clone(), u.clone(), used.clone(), now.clone()
-            a[idx], c[idx], u[idx], used[idx], now[idx] = res
+            a[idx], c[idx], u[idx], used[:, idx], now[:, idx] = res
         return torch.stack([a * sig[:, 0], c * sig[:, 0], u], dim=1)
 
     def _gauss_newton(self, a, c, u, anchor, prec, ys, basis=None):
         """``n_iter`` Gauss-Newton steps on sum_n (s_n - y~_n)^2 + prior from (a, c, u) (units of sigma), with
-        y~ the majorize-minimize data of ``ys`` (magnitudes / sigma) at (a, c, u) with its polarity
+        y~ the majorize-minimize data of ``ys`` (magnitudes / sigma, (N, V)) at (a, c, u) with its polarity
         (``basis``: :meth:`_basis` of u, if already computed). Returns the new (a, c, u), the polarity used
-        (signal < 0, (V, N)) and the polarity of the signal at the result."""
+        (signal < 0, (N, V)) and the polarity of the signal at the result."""
         a0, c0, u0 = anchor
         p0, p1, p2 = prec
         lo, hi = LOG_T1_BOUNDS
         f1, f2, d1, d2 = self._basis(u) if basis is None else basis
-        s = a[:, None] * f1 + c[:, None] * f2
+        s = self._lin(a, f1, c, f2)
         used = s < 0
         one = torch.ones((), dtype=s.dtype)
         ys = self._effective_data(ys, s.abs(), one) * torch.where(s < 0, -1.0, 1.0).to(s)
         r = s - ys
-        cost = (r * r).sum(1)
+        cost = (r * r).sum(0)
         step = torch.ones_like(a)
         for it in range(self.n_iter):
-            j2 = a[:, None] * d1 + c[:, None] * d2
-            g0 = (f1 * r).sum(1) + p0 * (a - a0)
-            g1 = (f2 * r).sum(1) + p1 * (c - c0)
-            g2 = (j2 * r).sum(1) + p2 * (u - u0)
-            st = _solve_sym3((f1 * f1).sum(1) + p0, (f1 * f2).sum(1), (f1 * j2).sum(1), (f2 * f2).sum(1) + p1,
-                             (f2 * j2).sum(1), (j2 * j2).sum(1) + p2, -g0, -g1, -g2)
+            j2 = c * d2 if d1 is None else a * d1 + c * d2
+            g0 = self._dsum(f1, r) + p0 * (a - a0)
+            g1 = (f2 * r).sum(0) + p1 * (c - c0)
+            g2 = (j2 * r).sum(0) + p2 * (u - u0)
+            h00, h01, h02, h11, h12, h22 = self._fisher(f1, f2, j2)
+            st = _solve_sym3(h00 + p0, h01, h02, h11 + p1, h12, h22 + p2, -g0, -g1, -g2)
             a2, c2, u2 = a + step * st[0], c + step * st[1], (u + step * st[2]).clamp(lo, hi)
             b2 = self._basis(u2)
-            r2 = a2[:, None] * b2[0] + c2[:, None] * b2[1] - ys
-            cost2 = (r2 * r2).sum(1)
+            r2 = self._lin(a2, b2[0], c2, b2[1]) - ys
+            cost2 = (r2 * r2).sum(0)
             better = torch.isfinite(cost2) & (cost2 + p0 * (a2 - a0) ** 2 + p1 * (c2 - c0) ** 2 + p2 * (u2 - u0) ** 2
                                               <= cost + p0 * (a - a0) ** 2 + p1 * (c - c0) ** 2 + p2 * (u - u0) ** 2)
             a, c, u = torch.where(better, a2, a), torch.where(better, c2, c), torch.where(better, u2, u)
             if it + 1 == self.n_iter:
-                s = torch.where(better[:, None], r2, r) + ys  # the signal at the result (r = s - y~)
+                s = torch.where(better, r2, r) + ys  # the signal at the result (r = s - y~)
                 break
             step = torch.where(better, torch.ones_like(step), step * 0.25)  # a rejected step is retried shorter
-            bb = better[:, None]
+            bb = better
             r, cost = torch.where(bb, r2, r), torch.where(better, cost2, cost)
-            f1, f2, d1, d2 = (torch.where(bb, new, old) for new, old in zip(b2, (f1, f2, d1, d2)))
+            f1, f2, d1, d2 = (None if old is None else torch.where(bb, new, old)
+                              for new, old in zip(b2, (f1, f2, d1, d2)))
         return a, c, u, used, s < 0
 
     # ------------------------------------------------------------------ network space
@@ -275,24 +310,23 @@ class DataConsistency:
         m = x0.shape[0]
         sig = torch.as_tensor(sigma, dtype=self.dtype).reshape(-1).expand(m) if torch.as_tensor(sigma).numel() == 1 \
             else torch.as_tensor(sigma, dtype=self.dtype).reshape(m)
-        maps = decode_maps(x0.to(self.dtype), 1.0)  # (M, 3, H, W): T1 s, PD (scaled images' units), B
         y = images.to(self.dtype)
         if y.shape[1] != len(self.tis):
             raise ValueError(f"data-consistency for {len(self.tis)} images got {y.shape[1]}")
         sig_map = sig[:, None, None].expand(m, *y.shape[-2:])
-        active = (y.amax(dim=1) > self.min_snr * sig_map) & torch.isfinite(sig_map) & (sig_map > 0)
+        active = (y.amax(dim=1) > self.threshold_factor * sig_map) & torch.isfinite(sig_map) & (sig_map > 0)
         if not bool(active.any()):
             return x0
-        t1, pd, b = (maps[:, k][active] for k in range(3))
+        # only the active voxels are decoded, corrected and encoded again: (V, 3, 1, 1) for the scaling
+        maps = decode_maps(x0.permute(0, 2, 3, 1)[active].to(self.dtype)[:, :, None, None], 1.0)[:, :, 0, 0]
+        t1, pd, b = maps.unbind(1)  # T1 s, PD (scaled images' units), B
         q0 = torch.stack([pd, pd * b, torch.log(t1.clamp(float(np.exp(LOG_T1_BOUNDS[0])), float(np.exp(LOG_T1_BOUNDS[1]))))], dim=1)
         q = self.prox(q0, y.permute(0, 2, 3, 1)[active], sig_map[active])
         a = q[:, 0].clamp_min(1e-12)
-        new = maps.clone()
-        new[:, 0][active] = torch.exp(q[:, 2])
-        new[:, 1][active] = a
-        new[:, 2][active] = (q[:, 1] / a).clamp(0.0, 4.0)
-        out = encode_maps(new, 1.0).to(x0.dtype)
-        return torch.where(active[:, None], out, x0)
+        new = torch.stack([torch.exp(q[:, 2]), a, (q[:, 1] / a).clamp(0.0, 4.0)], dim=1)
+        out = x0.permute(0, 2, 3, 1).clone()
+        out[active] = encode_maps(new[:, :, None, None], 1.0)[:, :, 0, 0].to(x0.dtype)
+        return out.permute(0, 3, 1, 2).contiguous()
 
     @torch.no_grad()
     def posterior_std(self, labels: torch.Tensor, images: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -308,11 +342,11 @@ class DataConsistency:
             return torch.zeros_like(labels)
         lab = labels.to(torch.float64)
         y = images.to(torch.float64)
-        active = y.amax(dim=0) > self.min_snr * sigma
+        active = y.amax(dim=0) > self.threshold_factor * sigma
         t1 = lab[0][active].clamp(float(np.exp(LOG_T1_BOUNDS[0])), float(np.exp(LOG_T1_BOUNDS[1])))
         a, c, u = lab[1][active] / sigma, lab[1][active] * lab[2][active] / sigma, torch.log(t1)
         f1, f2, d1, d2 = self._basis(u)
-        j2 = a[:, None] * d1 + c[:, None] * d2
+        j2 = c * d2 if d1 is None else a * d1 + c * d2
         fisher = self._fisher(f1, f2, j2)
         p0, p1, p2 = self._prior_precision(a.abs().clamp_min(1.0), fisher)
         h = [fisher[0] + p0, fisher[1], fisher[2], fisher[3] + p1, fisher[4], fisher[5] + p2]

@@ -406,18 +406,36 @@ def estimate_noise_sigma(data: np.ndarray, n_coils: int = 1, background: np.ndar
     return float(np.sqrt(np.mean(y**2) / (2.0 * n_coils)))
 
 
-def signal_mask(data: np.ndarray, sigma: float | None = None, factor: float = 5.0) -> np.ndarray:
-    """Voxels with signal: maximum over inversion times above ``factor`` x the noise floor.
+def noise_floor(n_coils: int = 1) -> float:
+    """Mean magnitude of noise alone, in units of the per-channel std sigma: the mean of a chi
+    distribution with 2 n_coils degrees of freedom, sqrt(2) Gamma(n + 1/2) / Gamma(n) (root-sum-of-squares
+    of n_coils complex channels; 1 coil: the Rayleigh mean sqrt(pi / 2) = 1.2533; 8 coils: 3.99; 32: 7.98)."""
+    n = int(n_coils)
+    return float(np.sqrt(2.0) * np.exp(special.gammaln(n + 0.5) - special.gammaln(n)))
+
+
+def signal_threshold(sigma: float, n_coils: int = 1, factor: float = 5.0) -> float:
+    """The magnitude above which a voxel has signal: ``factor`` sigma for one coil, and for root-sum-of-squares
+    data of ``n_coils`` coils the same margin above their higher noise floor, sigma (factor + noise_floor(n)
+    - noise_floor(1)). A fixed 5 sigma would count the background of 8 or more coils as signal (its mean
+    is 4-8 sigma)."""
+    return float(sigma) * (float(factor) + noise_floor(n_coils) - noise_floor(1))
+
+
+def signal_mask(data: np.ndarray, sigma: float | None = None, factor: float = 5.0, n_coils: int = 1) -> np.ndarray:
+    """Voxels with signal: maximum over inversion times above :func:`signal_threshold` (``factor`` x sigma
+    for one coil; the noise floor of ``n_coils`` root-sum-of-squares coils accounted for).
 
     Without ``sigma``, a fraction (5 %) of the robust maximum is used as the threshold.
     """
     data = np.asarray(data, dtype=float)
     vmax = data.max(axis=-1)
     if sigma is not None:
-        thr = factor * sigma
+        thr = signal_threshold(sigma, n_coils, factor)
     else:
         thr = 0.05 * np.quantile(vmax, 0.99)
     return vmax > thr
 
 
-__all__ = ["IRFit", "InversionRecoveryModel", "fit_ir", "estimate_noise_sigma", "signal_mask", "T1_GRID_RANGE_S"]
+__all__ = ["IRFit", "InversionRecoveryModel", "fit_ir", "estimate_noise_sigma", "noise_floor", "signal_mask",
+           "signal_threshold", "T1_GRID_RANGE_S"]

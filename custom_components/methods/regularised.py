@@ -14,7 +14,9 @@ Objective over the mask voxels v of one slice (x = (log T1, PD / PD_ref, B)):
            + tv_weight * sum_c r_c sum_{edges (v, w)} phi((x_c,v - x_c,w) / d_c)
 
 - NLL: Rician, (y - mu)^2 / (2 sigma^2) - log i0e(y mu / sigma^2) (the negative log-likelihood up to a
-  constant; i0e the exponentially scaled Bessel function), or Gaussian, (y - mu)^2 / (2 sigma^2);
+  constant; i0e the exponentially scaled Bessel function); noncentral chi of L coils (root-sum-of-squares),
+  (y - mu)^2 / (2 sigma^2) + (L - 1) log mu - log ive(L - 1, y mu / sigma^2) (L = 1: the Rician); or
+  Gaussian, (y - mu)^2 / (2 sigma^2);
 - phi(t) = sqrt(t^2 + eps^2) - eps (eps = 0.1): a total variation smoothed below a tenth of d_c;
   anisotropic (horizontal and vertical neighbours), only between two mask voxels;
 - d_c: the median over the mask of the Cramér-Rao bound of map c at the plain fit
@@ -28,7 +30,7 @@ Optimisation: initialised from the plain fit (Rician ML where ``sigma`` is known
 (:func:`_lbfgs_box`: two-loop recursion, Armijo backtracking, log T1 kept in 2 ms-24 s) on the
 CRLB-scaled variables z_c = x_c / d_c, slice by slice (2D, the image's first two axes). F and its
 gradient are evaluated in float64 numpy in closed form (:meth:`TVObjective.value_and_grad`: the analytic
-Jacobian of the signal model, the Rician score I1/I0, phi'), and the L-BFGS runs on D z, D^2 the
+Jacobian of the signal model, the score I_L/I_{L-1} (L = 1: Rician), phi'), and the L-BFGS runs on D z, D^2 the
 diagonal of F's Gauss-Newton curvature at the start (:meth:`TVObjective.curvature`; diagonal, so the
 bound on log T1 stays a box). The torch ``__call__`` is the reference definition of F (tests: the
 closed-form gradient equals its autograd gradient and finite differences). It stops when an iteration
@@ -66,18 +68,58 @@ TV_EPS = 0.1  # smoothing of |t| in units of the map's median CRLB
 LOG_T1_RANGE = (np.log(0.002), np.log(24.0))  # s: where the plain fit's log T1 is clipped for the start
 
 
-def negative_log_likelihood(y: torch.Tensor, s: torch.Tensor, sigma: float, noise: str = "rician") -> torch.Tensor:
+NOISE_MODELS = ("rician", "ncchi", "gaussian")
+
+
+def log_ive(order: int, k: np.ndarray) -> np.ndarray:
+    """log ive(order, k) = log I_order(k) - k for k >= 0 (float64), with the small-k series
+    order log(k / 2) - log order! - k where ive underflows (k^order below ~1e-300)."""
+    k = np.asarray(k, dtype=np.float64)
+    v = special.ive(order, k)
+    with np.errstate(divide="ignore"):
+        small = order * np.log(np.maximum(k, 1e-300) / 2) - special.gammaln(order + 1) - k
+        return np.where(v > 0, np.log(np.maximum(v, 1e-300)), small)
+
+
+class _LogIve(torch.autograd.Function):
+    """log ive(order, k) for torch (float64, through scipy), d/dk = I_{order+1}/I_order + order/k - 1."""
+
+    @staticmethod
+    def forward(ctx, k, order):
+        kn = k.detach().cpu().numpy()
+        ctx.save_for_backward(k)
+        ctx.order = order
+        return torch.as_tensor(log_ive(order, kn), dtype=k.dtype, device=k.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (k,) = ctx.saved_tensors
+        kn = k.detach().cpu().numpy()
+        ratio = special.ive(ctx.order + 1, kn) / np.maximum(special.ive(ctx.order, kn), 1e-300)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = ratio + np.where(kn > 0, ctx.order / kn, 0.0) - 1.0
+        return grad * torch.as_tensor(d, dtype=k.dtype, device=k.device), None
+
+
+def negative_log_likelihood(y: torch.Tensor, s: torch.Tensor, sigma: float, noise: str = "rician",
+                            n_coils: int = 1) -> torch.Tensor:
     """Per-sample NLL of magnitude data ``y`` given the signed model ``s`` (constants dropped).
 
     Rician: -log p(y | mu = |s|) = (y - mu)^2 / (2 sigma^2) - log i0e(y mu / sigma^2) + const (smooth in s,
-    also at s = 0); Gaussian: (y - mu)^2 / (2 sigma^2).
+    also at s = 0); noncentral chi of ``n_coils`` = L (root-sum-of-squares, sigma per channel):
+    (y - mu)^2 / (2 sigma^2) + (L - 1) log mu - log ive(L - 1, y mu / sigma^2) + const (the density
+    y^L / (sigma^2 mu^(L-1)) exp(-(y^2 + mu^2) / (2 sigma^2)) I_{L-1}(y mu / sigma^2); tests: against
+    scipy.stats.ncx2); Gaussian: (y - mu)^2 / (2 sigma^2).
     """
     mu = s.abs()
     nll = (y - mu) ** 2 / (2.0 * sigma**2)
-    if noise == "rician":
+    if noise == "rician" or (noise == "ncchi" and int(n_coils) == 1):
         nll = nll - torch.log(torch.special.i0e(y * mu / sigma**2))
+    elif noise == "ncchi":
+        order = int(n_coils) - 1
+        nll = nll + order * torch.log(mu.clamp_min(1e-300)) - _LogIve.apply(y * mu / sigma**2, order)
     elif noise != "gaussian":
-        raise ValueError(f"noise must be 'rician' or 'gaussian', got {noise!r}")
+        raise ValueError(f"noise must be one of {NOISE_MODELS}, got {noise!r}")
     return nll
 
 
@@ -89,16 +131,20 @@ class TVObjective:
     """F(z) of one slice over the CRLB-scaled variables z (3, V) of the V mask voxels (see the module).
 
     ``data`` (V, N) magnitudes of the mask voxels, ``mask`` (H, W) bool, ``scale`` (3,) = d_c (log T1,
-    PD / pd_ref, B), ``lam`` (3,) = tv_weight * r_c.
+    PD / pd_ref, B), ``lam`` (3,) = tv_weight * r_c, ``n_coils``: of the noncentral-chi noise.
     """
 
     def __init__(self, data: np.ndarray, mask: np.ndarray, protocol: Protocol, sigma: float, noise: str,
-                 pd_ref: float, scale, lam):
+                 pd_ref: float, scale, lam, n_coils: int = 1):
+        if noise not in NOISE_MODELS:
+            raise ValueError(f"noise must be one of {NOISE_MODELS}, got {noise!r}")
         self.y = torch.as_tensor(np.asarray(data, dtype=np.float64))
         self.mask = torch.as_tensor(np.asarray(mask, dtype=bool))
         self.protocol = protocol
         self.sigma = float(sigma)
-        self.noise = noise
+        # one coil of noncentral chi is the Rician
+        self.noise = "rician" if noise == "ncchi" and int(n_coils) == 1 else noise
+        self.n_coils = int(n_coils) if noise == "ncchi" else 1
         self.pd_ref = float(pd_ref)
         self.scale = torch.as_tensor(np.asarray(scale, dtype=np.float64))
         self.lam = torch.as_tensor(np.asarray(lam, dtype=np.float64))
@@ -135,7 +181,7 @@ class TVObjective:
 
     def data_term(self, z: torch.Tensor) -> torch.Tensor:
         s = signed_signal(self.params(z), self.protocol, dim=0)  # (N, V)
-        return negative_log_likelihood(self.y.T, s, self.sigma, self.noise).sum()
+        return negative_log_likelihood(self.y.T, s, self.sigma, self.noise, self.n_coils).sum()
 
     def tv_term(self, z: torch.Tensor) -> torch.Tensor:
         total = z.new_zeros(())
@@ -174,9 +220,10 @@ class TVObjective:
 
     def value_and_grad(self, z: np.ndarray) -> tuple[float, np.ndarray]:
         """F(z) and its gradient (3, V) in float64 numpy, in closed form: the data term through the
-        analytic Jacobian, dNLL/ds = (s - y sign(s) I1(k) / I0(k)) / sigma^2 (k = y |s| / sigma^2; Gaussian:
-        (s - y sign(s)) / sigma^2), and phi'(t) = t / sqrt(t^2 + eps^2) on every edge. The same F as
-        ``__call__`` (tested against autograd and finite differences)."""
+        analytic Jacobian, dNLL/ds = (s - y sign(s) I_L(k) / I_{L-1}(k)) / sigma^2 (k = y |s| / sigma^2, L the
+        coils, 1 for Rician; Gaussian: (s - y sign(s)) / sigma^2; for L > 1 the (L - 1)/mu of the log mu term
+        cancels against the derivative of log I_{L-1}), and phi'(t) = t / sqrt(t^2 + eps^2) on every edge.
+        The same F as ``__call__`` (tested against autograd and finite differences)."""
         z = np.asarray(z, dtype=np.float64).reshape(3, -1)
         s, jac = self._signal_and_jacobian(z)
         y, s2 = self._y, self.sigma**2
@@ -187,6 +234,12 @@ class TVObjective:
             i0 = special.i0e(k)
             f -= float(np.sum(np.log(i0)))
             dfds = (s - y * np.sign(s) * (special.i1e(k) / i0)) / s2
+        elif self.noise == "ncchi":
+            k = y * mu / s2
+            order = self.n_coils - 1
+            f += float(np.sum(order * np.log(np.maximum(mu, 1e-300)) - log_ive(order, k)))
+            ratio = special.ive(order + 1, k) / np.maximum(special.ive(order, k), 1e-300)
+            dfds = (s - y * np.sign(s) * ratio) / s2
         else:
             dfds = (s - y * np.sign(s)) / s2
         g = np.stack([np.sum(dfds * j, axis=0) for j in jac])
@@ -284,12 +337,13 @@ def _lbfgs_box(fun, x0: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_iter: int,
 
 def fit_slice(data: np.ndarray, mask: np.ndarray, init: tuple, protocol: Protocol, sigma: float,
               noise: str = "rician", tv_weight: float = DEFAULT_TV_WEIGHT, n_iter: int = 300,
-              tol: float = 1e-9) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+              tol: float = 1e-9, n_coils: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Regularised fit of one 2D slice.
 
     Args:
         data: (H, W, N) magnitudes; mask: (H, W) voxels to fit; init: (t1, pd, b) maps (H, W) to start from.
         tol: stop when an iteration lowers F by less than ``tol`` x max(|F|, 1).
+        n_coils: of the noncentral-chi noise (``noise="ncchi"``).
 
     Returns (t1, pd, b) of the mask voxels (V,) each and a dict (objective per iteration, scales, iterations).
     """
@@ -300,7 +354,7 @@ def fit_slice(data: np.ndarray, mask: np.ndarray, init: tuple, protocol: Protoco
     u0 = np.exp(np.clip(np.log(np.maximum(t1, 1e-12)), *LOG_T1_RANGE))
     scale = _median_crlb(u0, np.where(pd == 0, pd_ref, pd), b, protocol, sigma, pd_ref)
     lam = float(tv_weight) * np.array([MAP_WEIGHTS["T1"], MAP_WEIGHTS["PD"], MAP_WEIGHTS["B"]])
-    obj = TVObjective(np.asarray(data, dtype=float)[mask], mask, protocol, sigma, noise, pd_ref, scale, lam)
+    obj = TVObjective(np.asarray(data, dtype=float)[mask], mask, protocol, sigma, noise, pd_ref, scale, lam, n_coils)
     z0 = obj.variables(t1, pd, b).numpy()
     shape = z0.shape
     # diagonal preconditioner: L-BFGS runs on w = D z, D^2 = F's Gauss-Newton curvature at the start
@@ -341,29 +395,33 @@ class TVRegularisedModel:
         self.n_iter = int(n_iter)
 
     def fit(self, data: np.ndarray, mask: np.ndarray | None = None, noise: str = "rician",
-            sigma: float | None = None, init: IRFit | None = None, progress: bool = False) -> IRFit:
+            sigma: float | None = None, init: IRFit | None = None, progress: bool = False,
+            n_coils: int = 1) -> IRFit:
         """Fit ``data`` (H, W, N) or (H, W, Z, N) (inversion last; slices along the third axis).
 
-        ``noise``: "rician" (needs ``sigma``) or "gaussian" (``sigma`` None: from the plain fit's
-        residual, sqrt(N / (N - 3)) x its median RMS, only to set the prior's scale). ``init``: the plain
-        fit to start from (default: computed here, Rician ML or least squares).
+        ``noise``: "rician" (needs ``sigma``), "ncchi" (root-sum-of-squares of ``n_coils`` coils; needs
+        ``sigma``, the std per channel) or "gaussian" (``sigma`` None: from the plain fit's residual,
+        sqrt(N / (N - 3)) x its median RMS, only to set the prior's scale). ``init``: the plain fit to
+        start from (default: computed here, ML with the same noise model, or least squares).
         """
         data = np.asarray(data, dtype=float)
         n = self.protocol.n_images
         if data.ndim not in (3, 4) or data.shape[-1] != n:
             raise ValueError(f"data must be (H, W, N) or (H, W, Z, N) with N = {n} inversion times, got {data.shape}")
-        if noise not in ("rician", "gaussian"):
-            raise ValueError(f"noise must be 'rician' or 'gaussian', got {noise!r}")
-        if noise == "rician" and sigma is None:
-            raise ValueError("noise='rician' needs sigma (see estimate_noise_sigma)")
+        if noise not in NOISE_MODELS:
+            raise ValueError(f"noise must be one of {NOISE_MODELS}, got {noise!r}")
+        if noise != "gaussian" and sigma is None:
+            raise ValueError(f"noise={noise!r} needs sigma (see estimate_noise_sigma)")
+        if int(n_coils) < 1:
+            raise ValueError(f"n_coils must be at least 1, got {n_coils}")
         shape = data.shape[:-1]
         mask = np.ones(shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
         if mask.shape != shape:
             raise ValueError(f"mask shape {mask.shape} does not match the image shape {shape}")
         if init is None:
             init = InversionRecoveryModel(self.protocol).fit(data, mask=mask, noise=noise, sigma=sigma,
-                                                             progress=progress)
-        info = {"method": "tv", "noise": noise, "tv_weight": self.tv_weight,
+                                                             n_coils=int(n_coils), progress=progress)
+        info = {"method": "tv", "noise": noise, "n_coils": int(n_coils) if noise == "ncchi" else 1, "tv_weight": self.tv_weight,
                 "tv_map_weights": dict(MAP_WEIGHTS), "tv_eps": TV_EPS, "init": init.info.get("method")}
         if sigma is None:
             res = init.residual[mask]
@@ -385,7 +443,7 @@ class TVRegularisedModel:
             if not mk.any():
                 continue
             t1, pd, b, si = fit_slice(d4[:, :, k], mk, [m[:, :, k] for m in i3], self.protocol, sigma, noise,
-                                      self.tv_weight, self.n_iter)
+                                      self.tv_weight, self.n_iter, n_coils=int(n_coils))
             for o, v in zip(out, (t1, pd, b)):
                 o[:, :, k][mk] = v
             per_slice.append({"slice": k, "iterations": si["iterations"], "objective_start": si["objective"][0],
@@ -404,5 +462,5 @@ def fit_tv(data, protocol: Protocol, tv_weight: float = DEFAULT_TV_WEIGHT, **kw)
     return TVRegularisedModel(protocol, tv_weight, n_iter).fit(data, **kw)
 
 
-__all__ = ["DEFAULT_TV_WEIGHT", "MAP_WEIGHTS", "TV_EPS", "TVObjective", "TVRegularisedModel",
-           "negative_log_likelihood", "fit_slice", "fit_tv"]
+__all__ = ["DEFAULT_TV_WEIGHT", "MAP_WEIGHTS", "NOISE_MODELS", "TV_EPS", "TVObjective", "TVRegularisedModel",
+           "log_ive", "negative_log_likelihood", "fit_slice", "fit_tv"]

@@ -215,9 +215,29 @@ def calibration_factor(results, target: float = 0.6827) -> float:
     return float(np.quantile(np.abs(t - mu) / sd, target))
 
 
+ORACLE_DRAWS = 20  # Monte Carlo draws of :func:`oracle_spearman`
+
+
+def oracle_spearman(sd: np.ndarray, draws: int = ORACLE_DRAWS, seed: int = 0) -> float:
+    """The Spearman correlation of ``sd`` with |error| that a perfectly calibrated Gaussian posterior
+    with exactly these stds would reach: errors drawn as sd z, z ~ N(0, 1), the mean over ``draws``
+    Monte Carlo draws (fixed seed). It is below 1 even then, and near 0 where the std hardly varies
+    between the voxels (a half-normal |error| is as spread as its scale): the ceiling of the Spearman
+    target for the std as it is."""
+    from scipy import stats
+
+    sd = np.asarray(sd, dtype=float).ravel()
+    if sd.size < 2:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    return float(np.mean([stats.spearmanr(sd, np.abs(sd * rng.standard_normal(sd.size))).statistic
+                          for _ in range(int(draws))]))
+
+
 def uncertainty_scores(results, factor: float | None = None) -> dict:
     """Coverage of |error| <= k c std (k = 1, 2; c = ``factor``, None = 1), Spearman correlation of
-    std with |error|, and the voxel count, pooled over ``results`` as in :func:`calibration_factor`."""
+    std with |error|, its ceiling for these stds (:func:`oracle_spearman`), and the voxel count, pooled
+    over ``results`` as in :func:`calibration_factor`."""
     from scipy import stats
 
     t, mu, sd = _pool(results)
@@ -225,7 +245,7 @@ def uncertainty_scores(results, factor: float | None = None) -> dict:
     err = np.abs(t - mu)
     rho = float(stats.spearmanr(sd, err).statistic) if t.size > 1 else float("nan")
     return {"coverage_1": float(np.mean(err <= c * sd)), "coverage_2": float(np.mean(err <= 2 * c * sd)),
-            "spearman": rho, "n": int(t.size), "factor": c}
+            "spearman": rho, "spearman_oracle": oracle_spearman(sd), "n": int(t.size), "factor": c}
 
 
 # -------------------------------------------------------------------------------------- running
@@ -633,7 +653,9 @@ def _uncertainty_section(runs: list[SceneRun], specs: list[MethodSpec], meta: di
           "T1, voxels of the tissue ROIs. Coverage: fraction of voxels with |error| <= k c std (a calibrated Gaussian "
           f"posterior gives 0.68 / 0.95); c = {c if c is not None else 1} "
           f"({'given to this run, fitted on the validation half' if c is not None else 'no calibration given'}). "
-          "Spearman: rank correlation of the std with |error|.", ""]
+          "Spearman: rank correlation of the std with |error|; its ceiling: the Spearman that errors drawn from a "
+          "Gaussian with exactly these stds would give (Monte Carlo, `oracle_spearman`): where the std hardly "
+          "varies between voxels, even a perfectly calibrated std cannot rank the errors.", ""]
     rows = []
     for s in specs:
         if not s.key.startswith("diffusor"):
@@ -643,10 +665,12 @@ def _uncertainty_section(runs: list[SceneRun], specs: list[MethodSpec], meta: di
         if not samples:
             continue
         u = uncertainty_scores(samples, c)
-        rows.append(f"| {s.label} | {len(samples)} | {u['n']} | {u['coverage_1']:.2f} / {u['coverage_2']:.2f} | {u['spearman']:.2f} |")
+        rows.append(f"| {s.label} | {len(samples)} | {u['n']} | {u['coverage_1']:.2f} / {u['coverage_2']:.2f} | "
+                    f"{u['spearman']:.2f} | {u['spearman_oracle']:.2f} |")
     if not rows:
         return md + ["No Diffusor result on a brain scene in this run.", ""]
-    md += ["| method | brain scenes | voxels | coverage 1 / 2 std | Spearman of std with abs. error |", "|---|---|---|---|---|", *rows, ""]
+    md += ["| method | brain scenes | voxels | coverage 1 / 2 std | Spearman of std with abs. error | its ceiling for these stds |",
+           "|---|---|---|---|---|---|", *rows, ""]
     fc = meta.get("fitted_calibration")
     if fc:
         md += ["Calibration factors fitted on this (validation) half's brains, to give to the test half's run "
@@ -717,5 +741,5 @@ def _bias_figure(path: Path, runs: list[SceneRun], specs: list[MethodSpec], titl
 
 __all__ = ["METHODS", "BANDS", "CRLB_LIMIT", "NOT_DETERMINED", "method_specs", "band_of", "roi_scores", "roi_crlb",
            "effective_sigma", "determined", "target_pct", "target_misses", "score_scene", "uncertainty_voxels",
-           "calibration_factor", "uncertainty_scores", "SceneRun", "scene_case", "run_scene", "run_robustness",
+           "calibration_factor", "oracle_spearman", "uncertainty_scores", "SceneRun", "scene_case", "run_scene", "run_robustness",
            "report_markdown", "report_json"]
