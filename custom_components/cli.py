@@ -187,7 +187,7 @@ class QMRI:
                 label comes from the input's BIDS name or --subject/--session.
             subject, session: BIDS labels for --bids (letters and digits).
             tv_weight: --method tv (the fit with a total-variation prior on each slice): the prior's
-                strength, >= 0, in log-likelihood units per jump of one Cramér-Rao bound (default 1;
+                strength, >= 0, in log-likelihood units per jump of one Cramér-Rao bound (default 0.5;
                 0: the plain ML fit; docs/physics.md).
             dc: diffusor: strength of the data-consistency step at every sampler step (the relative
                 width of the prior around the network's estimate; 0: off; default: the bundle's,

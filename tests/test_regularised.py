@@ -12,7 +12,7 @@ from scipy import optimize, special
 from custom_components.cli import main
 from custom_components.io import save_series
 from custom_components.methods.fitting import InversionRecoveryModel
-from custom_components.methods.regularised import TVObjective, fit_slice, fit_tv
+from custom_components.methods.regularised import DEFAULT_TV_WEIGHT, TVObjective, fit_slice, fit_tv
 from custom_components.physics.protocol import paper_protocol
 from custom_components.physics.signal_model import signal, signed_jacobian, signed_signal
 
@@ -42,7 +42,7 @@ def phantom():
     sigma = 1.0 / 20
     y = _rician(maps, sigma, seed=3)
     plain = InversionRecoveryModel(PROT).fit(y, noise="rician", sigma=sigma)
-    tv = fit_tv(y, PROT, sigma=sigma, init=plain)  # default strength
+    tv = fit_tv(y, PROT, 1.0, sigma=sigma, init=plain)  # strength 1 (the default until 2026-12-05; now 0.5)
     return maps, regions, sigma, y, plain, tv
 
 
@@ -253,7 +253,7 @@ def test_cli_tv_maps_and_refuses_a_negative_weight(tmp_path, capsys):
     assert main(["map", str(src), "--out", str(out), "--quiet", "--method", "tv"]) == 0
     t1 = nib.load(out / "T1map.nii.gz").get_fdata()[:, :, 0]
     side = json.loads((out / "T1map.json").read_text())
-    assert side["Method"] == "tv" and side["Fit"]["tv_weight"] == 1.0 and side["Fit"]["noise"] == "rician"
+    assert side["Method"] == "tv" and side["Fit"]["tv_weight"] == DEFAULT_TV_WEIGHT and side["Fit"]["noise"] == "rician"
     inner = np.zeros((20, 20), bool)
     inner[4:-4, 4:-4] = True
     for r in regions:
