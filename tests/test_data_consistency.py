@@ -198,6 +198,27 @@ def test_crlb_bound_limits_the_networks_weight_where_t1_is_determined(protocol_n
     assert np.allclose(a, b, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("protocol_name", ["paper", "nist15", "nist15_variable_tr"])
+def test_crlb_bound_widens_the_prior_to_k_times_the_cramer_rao_bound(protocol_name):
+    """Where T1 is determined, the bounded prior's width in log T1 is exactly k r, r the relative CRLB of T1
+    from physics.signal_model.crlb (an independent implementation; T1's bound does not depend on how PD
+    and B are parametrised, so the labels' apparent parameters give the same r)."""
+    from custom_components.physics.signal_model import crlb
+
+    p = get_protocol(protocol_name)
+    t1 = torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64)
+    pd, b = torch.full_like(t1, 0.9), torch.full_like(t1, 1.95)
+    r_unit = crlb(torch.stack([t1, pd, b], 1), p, 1.0, dim=-1)[:, 0] / t1  # relative CRLB at sigma = 1
+    sigma = 0.05 / r_unit  # r = 5 %
+    k = 3.0
+    dc = DataConsistency(p, 0.01, noise="gaussian", crlb_factor=k)
+    lab = labels_from_maps(t1, pd, b, p)
+    a0, c0, u0 = lab[1] / sigma, lab[1] * lab[2] / sigma, torch.log(lab[0])
+    f1, f2, d1, d2 = dc._basis(u0)
+    prec = dc._prior_precision(a0, dc._fisher(f1, f2, dc._ds_du(a0, d1, c0, d2)))
+    torch.testing.assert_close(1 / prec[2].sqrt(), torch.full_like(t1, k * 0.05), rtol=1e-6, atol=0)
+
+
 def test_polarity_of_a_far_off_network_is_taken_again_from_the_data():
     """A network 30 % high in T1 puts the signal's null at the wrong inversion time. With the polarity of
     its estimate the signed data pull T1 far from the truth (+58 % at T1 = 1 s, SNR ~ 180); solving again

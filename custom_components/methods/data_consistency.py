@@ -191,8 +191,13 @@ class DataConsistency:
 
     @staticmethod
     def _lin(a, f1, c, f2):
-        """a f1 + c f2 (N, V) for a, c (V,), with f1 None meaning 1, or 0 when f2 is the derivative d1."""
+        """The signal a f1 + c f2 (N, V) for a, c (V,); f1 None means f1 = 1 (the apparent model)."""
         return (a if f1 is None else a * f1) + c * f2
+
+    @staticmethod
+    def _ds_du(a, d1, c, d2):
+        """The Jacobian column ds/du = a d1 + c d2 (N, V); d1 None means d1 = 0 (the apparent model)."""
+        return c * d2 if d1 is None else a * d1 + c * d2
 
     @staticmethod
     def _dsum(f1, r):
@@ -243,7 +248,7 @@ class DataConsistency:
         a0, c0, u0 = q0[:, 0] / sig[:, 0], q0[:, 1] / sig[:, 0], q0[:, 2]
         basis = self._basis(u0)
         f1, f2, d1, d2 = basis
-        prec = self._prior_precision(a_ref, self._fisher(f1, f2, self._lin(a0, d1, c0, d2))
+        prec = self._prior_precision(a_ref, self._fisher(f1, f2, self._ds_du(a0, d1, c0, d2))
                                      if self.crlb_factor > 0 else None)
         ys = (y / sig).T.contiguous()  # (N, V)
         a, c, u, used, now = self._gauss_newton(a0, c0, u0, (a0, c0, u0), prec, ys, basis)
@@ -275,7 +280,7 @@ class DataConsistency:
         cost = (r * r).sum(0)
         step = torch.ones_like(a)
         for it in range(self.n_iter):
-            j2 = c * d2 if d1 is None else a * d1 + c * d2
+            j2 = self._ds_du(a, d1, c, d2)
             g0 = self._dsum(f1, r) + p0 * (a - a0)
             g1 = (f2 * r).sum(0) + p1 * (c - c0)
             g2 = (j2 * r).sum(0) + p2 * (u - u0)
@@ -292,9 +297,8 @@ class DataConsistency:
                 s = torch.where(better, r2, r) + ys  # the signal at the result (r = s - y~)
                 break
             step = torch.where(better, torch.ones_like(step), step * 0.25)  # a rejected step is retried shorter
-            bb = better
-            r, cost = torch.where(bb, r2, r), torch.where(better, cost2, cost)
-            f1, f2, d1, d2 = (None if old is None else torch.where(bb, new, old)
+            r, cost = torch.where(better, r2, r), torch.where(better, cost2, cost)
+            f1, f2, d1, d2 = (None if old is None else torch.where(better, new, old)
                               for new, old in zip(b2, (f1, f2, d1, d2)))
         return a, c, u, used, s < 0
 
@@ -346,8 +350,7 @@ class DataConsistency:
         t1 = lab[0][active].clamp(float(np.exp(LOG_T1_BOUNDS[0])), float(np.exp(LOG_T1_BOUNDS[1])))
         a, c, u = lab[1][active] / sigma, lab[1][active] * lab[2][active] / sigma, torch.log(t1)
         f1, f2, d1, d2 = self._basis(u)
-        j2 = c * d2 if d1 is None else a * d1 + c * d2
-        fisher = self._fisher(f1, f2, j2)
+        fisher = self._fisher(f1, f2, self._ds_du(a, d1, c, d2))
         p0, p1, p2 = self._prior_precision(a.abs().clamp_min(1.0), fisher)
         h = [fisher[0] + p0, fisher[1], fisher[2], fisher[3] + p1, fisher[4], fisher[5] + p2]
         one, zero = torch.ones_like(a), torch.zeros_like(a)
