@@ -198,6 +198,9 @@ def brain_scene(rng: np.random.Generator, slice_index: int, realisation: int, sh
     return {"T1": maps["T1"], "T2": maps["T2"], "PD": maps["PD"], "mask": maps["mask"], "tissue": sl["labels"]}
 
 
+SCENE_FAMILIES = ("brain", "random_labels")
+
+
 @dataclass
 class SynthesisConfig:
     """Everything that defines a synthetic dataset (deterministic for ``seed``).
@@ -207,7 +210,10 @@ class SynthesisConfig:
     a training loop on CPU wants); ``wide_t1`` adds objects with T1 down to 20 ms, and
     ``wide_t1_objects`` (lo, hi) sets how many per slice (None: the default (2, 6)) and
     ``wide_t1_walls`` the probability that an object has a wall without signal around it, 1-3 px
-    thick, like a vial or a sphere of the NIST/ISMRM phantom (None: no walls).
+    thick, like a vial or a sphere of the NIST/ISMRM phantom (None: no walls). ``scene`` picks the scene
+    family: "brain" (the embedded anatomy, the default) or "random_labels" (random label maps with
+    phantom-like objects, :class:`custom_components.data.random_scenes.RandomLabelScenes`, whose fields
+    ``random_scenes`` overrides).
     """
 
     protocol: str | dict = "paper"
@@ -222,8 +228,14 @@ class SynthesisConfig:
     effects: Effects = field(default_factory=Effects)
     seed: int = 0
     deform: bool = True
+    scene: str = "brain"
+    random_scenes: dict | None = None
 
     def __post_init__(self):
+        if self.scene not in SCENE_FAMILIES:
+            raise ValueError(f"scene must be one of {SCENE_FAMILIES}, got {self.scene!r}")
+        if self.random_scenes is not None and self.scene != "random_labels":
+            raise ValueError("random_scenes is for scene='random_labels'")
         if isinstance(self.effects, dict):
             self.effects = Effects(**self.effects)
         self.matrix = tuple(int(x) for x in self.matrix)
@@ -264,6 +276,10 @@ class SyntheticIRDataset(torch.utils.data.Dataset):
             config = replace(config, **overrides)
         self.config = config
         self.protocol = get_protocol(config.protocol)
+        if scene_fn is None and config.scene == "random_labels":
+            from .random_scenes import RandomLabelScenes
+
+            scene_fn = RandomLabelScenes(**(config.random_scenes or {}))
         self.scene_fn = scene_fn
         self.with_tissue = bool(with_tissue)
 
