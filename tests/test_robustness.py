@@ -96,6 +96,8 @@ def test_target_misses_follow_the_issue_targets():
     miss = rb.target_misses([_row("sphere 1", 1.0, 9.0, 0.020, det=False)], fit, snr=50)
     assert len(miss) == 1 and "not determined" in miss[0]
     assert "not determined" not in rb.target_misses([_row("sphere 1", 1.0, 9.0, 0.020)], fit, snr=50)[0]
+    # with the voxel count, a missed bias comes with the ROI mean's standard error, std / sqrt(n)
+    assert "+9.0 % ± 0.5 %" in rb.target_misses([{**_row("sphere 1", 1.0, 9.0, 0.020), "n": 16}], fit, snr=50)[0]
 
 
 def test_calibration_factor_on_synthetic_gaussian_errors(rng):

@@ -148,6 +148,16 @@ def target_pct(band: str, snr: float) -> float | None:
     return None
 
 
+def mean_standard_error_pct(row: dict) -> float | None:
+    """The standard error of an ROI's mean T1 as a % of the reference, std / sqrt(n) (None without ``n``).
+    It assumes independent voxels: true for the per-voxel fit; for a method that smooths (the TV fit, a
+    network) neighbouring errors are correlated and the true standard error is larger."""
+    n = row.get("n")
+    if not n or "std_s" not in row:
+        return None
+    return 100.0 * float(row["std_s"]) / math.sqrt(int(n)) / float(row["reference"])
+
+
 def target_misses(rows: list[dict], fit_rows: list[dict] | None, snr: float) -> list[str]:
     """Plain sentences for every plate ROI where a learned method misses a target: ``rows`` and
     ``fit_rows`` are the scene's ROI rows (:func:`score_scene`) of the method and of the classical
@@ -161,7 +171,8 @@ def target_misses(rows: list[dict], fit_rows: list[dict] | None, snr: float) -> 
             continue
         why = []
         if not abs(r["bias_pct"]) <= tgt:
-            why.append(f"bias {r['bias_pct']:+.1f} % (target within {tgt:g} %)")
+            se = mean_standard_error_pct(r)
+            why.append(f"bias {r['bias_pct']:+.1f} %" + ("" if se is None else f" ± {se:.1f} %") + f" (target within {tgt:g} %)")
         if r["band"] == "0.4-2 s" and r["roi"] in fit:
             if not r["std_s"] < fit[r["roi"]]["std_s"]:
                 why.append(f"within-ROI std {1000 * r['std_s']:.1f} ms, not below the fit's {1000 * fit[r['roi']]['std_s']:.1f} ms")
@@ -567,7 +578,17 @@ def report_markdown(runs: list[SceneRun], specs: list[MethodSpec], meta: dict, f
     md += ["## Targets, scene by scene", "",
            "Issue 20: every learned method within 2 % on every 0.4-2 s sphere at SNR >= 30 and within 3 % at SNR "
            "15-30, with a within-ROI std below the classical fit's there; within 5 % on 0.1-0.4 s spheres where the "
-           "CRLB determines T1.", ""]
+           "CRLB determines T1. A missed bias is given ± one standard error of the ROI mean (std / sqrt(n), "
+           "`mean_standard_error_pct`; it assumes independent voxels, so for a method that smooths the true one is "
+           "larger): on inner ROIs of about 30 voxels with a within-ROI std of 6-10 % of T1 it is 1-2 %, the size "
+           "of the 2 % target, and an unbiased method with that std misses the target by chance on 5-24 % of such "
+           "ROIs. The targets are applied as written.", ""]
+    fit_det = [(abs(x["bias_pct"]) <= target_pct(x["band"], r.scene.snr)) for r in runs if r.scene.kind == "plate"
+               for x in r.rows.get("mle", []) if x["band"] == "0.4-2 s" and x["determined"]
+               and target_pct(x["band"], r.scene.snr) is not None]
+    if fit_det:
+        md += [f"For reference, the classical fit scored the same way is within the bias target on {sum(fit_det)} of "
+               f"{len(fit_det)} determined 0.4-2 s spheres.", ""]
     if not learned:
         md += ["No learned method in this run.", ""]
     elif "mle" not in [s.key for s in specs]:
@@ -741,5 +762,5 @@ def _bias_figure(path: Path, runs: list[SceneRun], specs: list[MethodSpec], titl
 
 __all__ = ["METHODS", "BANDS", "CRLB_LIMIT", "NOT_DETERMINED", "method_specs", "band_of", "roi_scores", "roi_crlb",
            "effective_sigma", "determined", "target_pct", "target_misses", "score_scene", "uncertainty_voxels",
-           "calibration_factor", "oracle_spearman", "uncertainty_scores", "SceneRun", "scene_case", "run_scene", "run_robustness",
+           "calibration_factor", "mean_standard_error_pct", "oracle_spearman", "uncertainty_scores", "SceneRun", "scene_case", "run_scene", "run_robustness",
            "report_markdown", "report_json"]
