@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from custom_components.data.scenes import SPLIT_SEEDS, robustness_scenes
+from custom_components.data.scenes import SPLIT_SEEDS
 from custom_components.reporting.comparison import MethodSpec, _cpu_name
-from custom_components.reporting.robustness import run_scene, target_pct
+from custom_components.reporting.robustness import target_pct, validation_runs
 
 
 def summarise(runs, key: str) -> dict:
@@ -49,19 +49,26 @@ def summarise(runs, key: str) -> dict:
             "seconds": float(np.mean([r.results[key].seconds for r in runs if key in r.results]))}
 
 
-def main():
+def method_specs(steps: list[int]) -> list[MethodSpec]:
+    """The classical fit, and the default Diffusor at each step count (the bundle's other settings)."""
+    return [MethodSpec("mle", "classical fit (ML)", "mle")] + [
+        MethodSpec(f"s{k}", f"Diffusor, {k} steps", "diffusor", {"steps": k}) for k in steps]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--plates", type=int, default=3)
-    ap.add_argument("--steps", default="1,2,5,10,20")
+    ap.add_argument("--plates", type=int, default=3, help="validation plates 0..PLATES-1 (no brains)")
+    ap.add_argument("--steps", default="1,2,5,10,20", help="sampler step counts, comma separated")
     ap.add_argument("--protocols", default="paper,nist15")
-    a = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
     t0 = time.perf_counter()
     steps = [int(k) for k in a.steps.split(",")]
-    specs = [MethodSpec("mle", "classical fit (ML)", "mle")]
-    specs += [MethodSpec(f"s{k}", f"Diffusor, {k} steps", "diffusor", {"steps": k}) for k in steps]
-    scenes = robustness_scenes("validation", n_plates=a.plates, n_brains=0, protocols=tuple(a.protocols.split(",")))
-    runs = [run_scene(sc, specs) for sc in scenes]
+    runs = validation_runs(method_specs(steps), a.plates, 0, a.protocols)
     fit = summarise(runs, "mle")
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     md = ["# The default Diffusor against sampler steps (validation half only)", "",

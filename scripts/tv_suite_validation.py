@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from custom_components.data.scenes import SPLIT_SEEDS, robustness_scenes
+from custom_components.data.scenes import SPLIT_SEEDS
 from custom_components.reporting.comparison import MethodSpec, _cpu_name
-from custom_components.reporting.robustness import run_scene, target_pct
+from custom_components.reporting.robustness import target_pct, validation_runs
 
 
 def summarise(runs, key: str) -> dict:
@@ -66,8 +66,7 @@ def main():
     weights = [float(w) for w in a.weights.split(",")]
     specs = [MethodSpec("mle", "classical fit (ML)", "mle")]
     specs += [MethodSpec(f"tv{w:g}", f"TV fit, tv_weight {w:g}", "tv", {"tv_weight": w}) for w in weights]
-    scenes = robustness_scenes("validation", n_plates=a.plates, n_brains=a.brains, protocols=tuple(a.protocols.split(",")))
-    runs = [run_scene(sc, specs) for sc in scenes]
+    runs = validation_runs(specs, a.plates, a.brains, a.protocols)
     summ = {w: summarise(runs, f"tv{w:g}") for w in weights}
     fit = summarise(runs, "mle")
     best = max(weights, key=lambda w: (summ[w]["n_meet"], -np.nan_to_num(summ[w]["mean_tissue_nrmse"], nan=np.inf)))

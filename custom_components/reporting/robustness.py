@@ -292,6 +292,18 @@ def run_scene(scene, specs: list[MethodSpec], log=print) -> SceneRun:
     return run
 
 
+def validation_runs(specs: list[MethodSpec], n_plates: int, n_brains: int, protocols: str = "paper,nist15",
+                    log=print) -> list[SceneRun]:
+    """Every scene of the validation half (``n_plates`` plates, then ``n_brains`` brains, each in the
+    comma-separated ``protocols``) mapped and scored with every method of ``specs``: what the scripts that
+    choose a setting on the validation half (scripts/*_validation.py) start from."""
+    from ..data.scenes import robustness_scenes
+
+    scenes = robustness_scenes("validation", n_plates=int(n_plates), n_brains=int(n_brains),
+                               protocols=tuple(protocols.split(",")))
+    return [run_scene(sc, specs, log=log) for sc in scenes]
+
+
 def _split_seeds() -> dict:
     from ..data import scenes
 
@@ -762,5 +774,5 @@ def _bias_figure(path: Path, runs: list[SceneRun], specs: list[MethodSpec], titl
 
 __all__ = ["METHODS", "BANDS", "CRLB_LIMIT", "NOT_DETERMINED", "method_specs", "band_of", "roi_scores", "roi_crlb",
            "effective_sigma", "determined", "target_pct", "target_misses", "score_scene", "uncertainty_voxels",
-           "calibration_factor", "mean_standard_error_pct", "oracle_spearman", "uncertainty_scores", "SceneRun", "scene_case", "run_scene", "run_robustness",
+           "calibration_factor", "mean_standard_error_pct", "oracle_spearman", "uncertainty_scores", "validation_runs", "SceneRun", "scene_case", "run_scene", "run_robustness",
            "report_markdown", "report_json"]
