@@ -204,17 +204,14 @@ class QMRI:
 
         samples, steps, seed = _check_map_flags(method, noise, n_coils, sigma, samples, steps, sampler, symmetry,
                                                 seed, device)
-        import math
-
-        from .io import InputError
+        from .io import InputError, nonnegative_number
 
         for flag, value, owner in (("tv_weight", tv_weight, "tv"), ("dc", dc, "diffusor"), ("dc_crlb", dc_crlb, "diffusor")):
             if value is None:
                 continue
             if method != owner:
                 raise InputError(f"--{flag} applies to --method {owner} only, not to {method}")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise InputError(f"--{flag} must be a number >= 0, got {value!r}")
+            nonnegative_number(value, f"--{flag}")
 
         series = load_series(input, tis=_floats(tis, "--tis"), tr=(None if tr is None else (lambda v: v[0] if len(v) == 1 else v)(_floats(tr, "--tr"))),
                              echo_spacing=_one(echo_spacing, "--echo_spacing"), etl=_one(etl, "--etl"))

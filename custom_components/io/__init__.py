@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .series import IRSeries, InputError  # noqa: F401
+from .series import IRSeries, InputError, nonnegative_number  # noqa: F401
 from .nifti import _IRT1_RE, _irt1_group_by_prefix, _irt1_group_in_folder, _irt1_group_of_file, _is_nifti_name, _load_bids_irt1, _load_nifti_4d, _nib_data, _nib_load, max_input_bytes, sidecar_path  # noqa: F401
 from .dicom import _dicom_kind, _load_dicom_folder, dicom_pixel_values, philips_scale_slope  # noqa: F401
 from .writing import _write_files_atomically, protocol_sidecar, save_bids_irt1, save_maps, save_series  # noqa: F401

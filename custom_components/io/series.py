@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +17,14 @@ class InputError(ValueError):
 
     def __init__(self, message: object) -> None:
         super().__init__(" ".join(str(message).split()))
+
+
+def nonnegative_number(value, flag: str) -> float:
+    """``value`` as a float if it is a finite number >= 0 (not a bool), else an :class:`InputError` naming
+    ``flag`` (e.g. "--dc")."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise InputError(f"{flag} must be a number >= 0, got {value!r}")
+    return float(value)
 
 
 

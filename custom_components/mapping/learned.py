@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import InputError, IRSeries
+from ..io import InputError, IRSeries, nonnegative_number
 
 REPO_BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 
@@ -415,9 +415,7 @@ class BundleMapper:
                                           ("--dc_crlb", "dc_crlb_factor", crlb_factor, DEFAULT_CRLB_FACTOR)):
             if value is None:  # the bundle config's, else the package default
                 value = self.parser.get_parsed_content(key) if key in self.parser else default
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
-                raise InputError(f"{flag} must be a number >= 0, got {value!r}")
-            values.append(float(value))
+            values.append(nonnegative_number(value, flag))
         strength, crlb_factor = values
         if noise not in NOISE_MODELS:
             raise InputError(f"--noise must be one of {', '.join(NOISE_MODELS)}, got {noise!r}")
