@@ -30,36 +30,19 @@ import torch
 
 from custom_components.data.scenes import SPLIT_SEEDS, robustness_scenes
 from custom_components.reporting.comparison import MethodSpec, _cpu_name
-from custom_components.reporting.robustness import calibration_factor, run_scene, target_pct, uncertainty_scores, uncertainty_voxels
+from custom_components.reporting.robustness import (calibration_factor, run_scene, target_sphere_rows, uncertainty_scores,
+                                                    uncertainty_voxels, within_bias_target)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def sphere_rows(runs, key):
-    """(scene, row, fit_row) of every 0.4-2 s plate sphere with a target, for method ``key``."""
-    out = []
-    for r in runs:
-        if r.scene.kind != "plate" or key not in r.rows:
-            continue
-        fit = {x["roi"]: x for x in r.rows["mle"]}
-        for row in r.rows[key]:
-            if row["band"] == "0.4-2 s" and target_pct(row["band"], r.scene.snr) is not None:
-                out.append((r.scene, row, fit[row["roi"]]))
-    return out
-
-
-def meets_bias(sc, x) -> bool:
-    """A sphere row ``x`` of scene ``sc`` meets the issue-20 bias target."""
-    return abs(x["bias_pct"]) <= target_pct(x["band"], sc.snr)
-
-
 def meets(sc, x, f) -> bool:
     """A sphere row ``x`` of scene ``sc`` meets the issue-20 targets (bias, and a std below the fit's row ``f``)."""
-    return meets_bias(sc, x) and x["std_s"] < f["std_s"]
+    return within_bias_target(x, sc.snr) and x["std_s"] < f["std_s"]
 
 
 def summarise(runs, key):
-    rows = sphere_rows(runs, key)
+    rows = target_sphere_rows(runs, key)
     ok = [meets(sc, x, f) for sc, x, f in rows]
     det = [(sc, x, f) for sc, x, f in rows if x["determined"]]
     bias_det = np.array([x["bias_pct"] for _, x, _ in det])
@@ -165,8 +148,8 @@ def main():
                   f"{s['n_meet']} of {s['n_spheres']} | "
                   f"{s['mean_abs_bias_pct']:.1f} / {s['max_abs_bias_pct']:.1f} | {s['median_std_ratio']:.2f} | "
                   f"{s['short_mean_abs_bias_pct']:.1f} | {tb} | {s['seconds_per_scene']:.0f} |")
-    fit_rows = sphere_rows(runs, "mle")
-    fit_ok = [(meets_bias(sc, x), x["determined"]) for sc, x, _ in fit_rows]
+    fit_rows = target_sphere_rows(runs, "mle")
+    fit_ok = [(within_bias_target(x, sc.snr), x["determined"]) for sc, x, _ in fit_rows]
     md += ["", "Fit for reference: the classical fit meets the same bias targets on "
            f"{sum(o for o, d in fit_ok if d)} of {sum(d for _, d in fit_ok)} determined spheres and "
            f"{sum(o for o, _ in fit_ok)} of {len(fit_rows)} in all (its std is the reference).", "",

@@ -24,22 +24,14 @@ import torch
 
 from custom_components.data.scenes import SPLIT_SEEDS
 from custom_components.reporting.comparison import MethodSpec, _cpu_name
-from custom_components.reporting.robustness import target_pct, validation_runs
+from custom_components.reporting.robustness import target_sphere_rows, validation_runs, within_bias_target
 
 
 def summarise(runs, key: str) -> dict:
-    det, every, ratio = [], [], []
-    for r in runs:
-        if r.scene.kind != "plate" or key not in r.rows:
-            continue
-        fit = {x["roi"]: x for x in r.rows["mle"]}
-        for x in r.rows[key]:
-            if x["band"] != "0.4-2 s" or target_pct(x["band"], r.scene.snr) is None:
-                continue
-            every.append(abs(x["bias_pct"]))
-            ratio.append(x["std_s"] / fit[x["roi"]]["std_s"])
-            if x["determined"]:
-                det.append((abs(x["bias_pct"]) <= target_pct(x["band"], r.scene.snr), abs(x["bias_pct"])))
+    rows = target_sphere_rows(runs, key)
+    every = [abs(x["bias_pct"]) for _, x, _ in rows]
+    ratio = [x["std_s"] / f["std_s"] for _, x, f in rows]
+    det = [(within_bias_target(x, sc.snr), abs(x["bias_pct"])) for sc, x, _ in rows if x["determined"]]
     nan = float("nan")
     return {"n_det": len(det), "n_meet": int(sum(ok for ok, _ in det)),
             "mean_det": float(np.mean([b for _, b in det])) if det else nan,

@@ -24,23 +24,18 @@ import torch
 
 from custom_components.data.scenes import SPLIT_SEEDS
 from custom_components.reporting.comparison import MethodSpec, _cpu_name
-from custom_components.reporting.robustness import target_pct, validation_runs
+from custom_components.reporting.robustness import target_sphere_rows, validation_runs, within_bias_target
 
 
 def summarise(runs, key: str) -> dict:
     """Determined 0.4-2 s plate spheres within the bias target, their bias, the within-ROI std relative
     to the plain fit's, and the determined brain tissues' NRMSE, for method ``key``."""
-    spheres, ratio, tissue = [], [], {}
+    det = [(sc, x, f) for sc, x, f in target_sphere_rows(runs, key) if x["determined"]]
+    spheres = [(within_bias_target(x, sc.snr), abs(x["bias_pct"])) for sc, x, _ in det]
+    ratio = [x["std_s"] / f["std_s"] for _, x, f in det]
+    tissue = {}
     for r in runs:
-        if key not in r.rows:
-            continue
-        if r.scene.kind == "plate":
-            fit = {x["roi"]: x for x in r.rows["mle"]}
-            for x in r.rows[key]:
-                if x["band"] == "0.4-2 s" and x["determined"] and target_pct(x["band"], r.scene.snr) is not None:
-                    spheres.append((abs(x["bias_pct"]) <= target_pct(x["band"], r.scene.snr), abs(x["bias_pct"])))
-                    ratio.append(x["std_s"] / fit[x["roi"]]["std_s"])
-        else:
+        if r.scene.kind == "brain" and key in r.rows:
             for x in r.rows[key]:
                 if x["determined"]:
                     tissue.setdefault(x["roi"], []).append(x["nrmse"])

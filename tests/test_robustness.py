@@ -100,6 +100,21 @@ def test_target_misses_follow_the_issue_targets():
     assert "+9.0 % ± 0.5 %" in rb.target_misses([{**_row("sphere 1", 1.0, 9.0, 0.020), "n": 16}], fit, snr=50)[0]
 
 
+def test_target_sphere_rows_pair_each_sphere_with_the_fit_and_apply_the_bias_target():
+    """Only plate ROIs of the band whose SNR has a target are returned, each with the fit's row of the same
+    ROI; the bias target is 2 % at SNR >= 30 and 3 % at 15-30."""
+    from types import SimpleNamespace
+
+    fit = [_row("sphere 1", 1.0, 0.5, 0.03), _row("sphere 2", 0.2, 0.0, 0.01)]
+    mine = [_row("sphere 1", 1.0, 2.5, 0.02), _row("sphere 2", 0.2, 9.0, 0.01)]
+    runs = [SimpleNamespace(scene=SimpleNamespace(kind="plate", snr=snr), rows={"mle": fit, "diffusor": mine})
+            for snr in (50, 20, 10)] + [SimpleNamespace(scene=SimpleNamespace(kind="brain", snr=50), rows={"diffusor": mine})]
+    rows = rb.target_sphere_rows(runs, "diffusor")
+    assert [(sc.snr, x["roi"], f["roi"]) for sc, x, f in rows] == [(50, "sphere 1", "sphere 1"), (20, "sphere 1", "sphere 1")]
+    assert [rb.within_bias_target(x, sc.snr) for sc, x, _ in rows] == [False, True]  # +2.5 %: over 2 %, within 3 %
+    assert len(rb.target_sphere_rows(runs, "diffusor", band="0.1-0.4 s")) == 3  # 5 % at any SNR of a plate
+
+
 def test_calibration_factor_on_synthetic_gaussian_errors(rng):
     n = 200_000
     t = rng.uniform(0.5, 3.0, n)
