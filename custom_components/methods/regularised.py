@@ -70,11 +70,12 @@ LOG_T1_RANGE = (np.log(0.002), np.log(24.0))  # s: where the plain fit's log T1 
 NOISE_MODELS = ("rician", "ncchi", "gaussian")
 
 
-def log_ive(order: int, k: np.ndarray) -> np.ndarray:
+def log_ive(order: int, k: np.ndarray, ive: np.ndarray | None = None) -> np.ndarray:
     """log ive(order, k) = log I_order(k) - k for k >= 0 (float64), with the small-k series
-    order log(k / 2) - log order! - k where ive underflows (k^order below ~1e-300)."""
+    order log(k / 2) - log order! - k where ive underflows (k^order below ~1e-300). ``ive``: the values
+    ive(order, k) if the caller has them already."""
     k = np.asarray(k, dtype=np.float64)
-    v = special.ive(order, k)
+    v = special.ive(order, k) if ive is None else ive
     with np.errstate(divide="ignore"):
         small = order * np.log(np.maximum(k, 1e-300) / 2) - special.gammaln(order + 1) - k
         return np.where(v > 0, np.log(np.maximum(v, 1e-300)), small)
@@ -236,8 +237,9 @@ class TVObjective:
         elif self.noise == "ncchi":
             k = y * mu / s2
             order = self.n_coils - 1
-            f += float(np.sum(order * np.log(np.maximum(mu, 1e-300)) - log_ive(order, k)))
-            ratio = special.ive(order + 1, k) / np.maximum(special.ive(order, k), 1e-300)
+            v = special.ive(order, k)  # once: for the value and for the score's ratio
+            f += float(np.sum(order * np.log(np.maximum(mu, 1e-300)) - log_ive(order, k, v)))
+            ratio = special.ive(order + 1, k) / np.maximum(v, 1e-300)
             dfds = (s - y * np.sign(s) * ratio) / s2
         else:
             dfds = (s - y * np.sign(s)) / s2
