@@ -137,7 +137,8 @@ class QMRI:
             samples: int | None = None, steps: int | None = None, sampler: str | None = None,
             symmetry: str | None = None, seed: int | None = None, device: str = "cpu", bundle: str | None = None, weights: str | None = None,
             variant: str | None = None, quiet: bool = False, bids: bool = False, subject: str | None = None, session: str | None = None,
-            tv_weight: float | None = None, dc: float | None = None, dc_crlb: float | None = None):
+            tv_weight: float | None = None, dc: float | None = None, dc_crlb: float | None = None,
+            start_timestep: int | None = None):
         """Map T1 (s), PD and inversion efficiency B from an IR series; write NIfTI maps with JSON sidecars.
 
         Args:
@@ -198,6 +199,9 @@ class QMRI:
                 where the images determine T1 (relative CRLB r <= 10 %), the prior around the network's
                 estimate is at least k r wide, so the network's error reaches the map with a weight of at
                 most 1 / (1 + k^2).
+            start_timestep: diffusor with prior weights (``--variant prior``, any protocol): the sampler
+                starts from the classical fit noised to this DDPM timestep (0-999), or from pure noise
+                (-1); default: the bundle's ``prior_start_timestep``.
         """
         from .io import load_nifti_map, load_series
         from .mapping import map_series, output_arrays, sidecars_for
@@ -206,12 +210,14 @@ class QMRI:
                                                 seed, device)
         from .io import InputError, nonnegative_number
 
-        for flag, value, owner in (("tv_weight", tv_weight, "tv"), ("dc", dc, "diffusor"), ("dc_crlb", dc_crlb, "diffusor")):
+        for flag, value, owner in (("tv_weight", tv_weight, "tv"), ("dc", dc, "diffusor"), ("dc_crlb", dc_crlb, "diffusor"),
+                                   ("start_timestep", start_timestep, "diffusor")):
             if value is None:
                 continue
             if method != owner:
                 raise InputError(f"--{flag} applies to --method {owner} only, not to {method}")
-            nonnegative_number(value, f"--{flag}")
+            if flag != "start_timestep":
+                nonnegative_number(value, f"--{flag}")
 
         series = load_series(input, tis=_floats(tis, "--tis"), tr=(None if tr is None else (lambda v: v[0] if len(v) == 1 else v)(_floats(tr, "--tr"))),
                              echo_spacing=_one(echo_spacing, "--echo_spacing"), etl=_one(etl, "--etl"))
@@ -235,7 +241,8 @@ class QMRI:
                          bundle_dir=bundle, weights=weights, variant=variant,
                          **({} if tv_weight is None else {"tv_weight": float(tv_weight)}),
                          **({} if dc is None else {"dc": float(dc)}),
-                         **({} if dc_crlb is None else {"dc_crlb": float(dc_crlb)}))
+                         **({} if dc_crlb is None else {"dc_crlb": float(dc_crlb)}),
+                         **({} if start_timestep is None else {"start_timestep": start_timestep}))
         if bids:
             written = save_bids_derivatives(out, output_arrays(res), series.affine, sidecars_for(res, series, method),
                                             subject=str(sub), session=None if ses is None else str(ses), method=method,

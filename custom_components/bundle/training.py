@@ -263,7 +263,7 @@ def load_weights(network: torch.nn.Module, path: str, key: str | None = None) ->
 def attach_progress_bar(trainer, enabled: bool = True) -> bool:
     """A tqdm progress bar over each training epoch (iterations, the running loss), on stderr; the
     per-iteration lines of the StatsHandler still go through the bundle's logging.conf."""
-    if not enabled:
+    if not _as_bool(enabled):  # "false" from the command line is text
         return False
     from ignite.handlers import ProgressBar
 
@@ -289,7 +289,8 @@ def rank_summary(trainer, network: torch.nn.Module) -> dict:
     return info
 
 
-CARD_KEYS = ("method", "protocol", "n_images", "network_preset", "fit_condition", "fit_residual", "prediction_type")
+CARD_KEYS = ("method", "protocol", "n_images", "network_preset", "fit_condition", "fit_residual", "prediction_type",
+             "map_prior")
 
 
 def weights_card_path(weights: str | os.PathLike) -> Path:
@@ -310,7 +311,7 @@ def write_weights_card(path: str | os.PathLike, **fields) -> Path:
         raise ValueError(f"unknown weights-card fields {unknown}; allowed: {list(CARD_KEYS)}")
     if "protocol" in card:
         card["protocol"] = get_protocol(card["protocol"]).to_dict()
-    for k in ("fit_condition", "fit_residual"):
+    for k in ("fit_condition", "fit_residual", "map_prior"):
         if k in card:
             card[k] = _as_bool(card[k])
     card = check_weights_card(card, str(path))  # what training writes, inference must accept
@@ -352,8 +353,9 @@ def check_weights_card(card, where: str = "weights card") -> dict:
     re-serialised by :meth:`Protocol.to_dict`. Raises :class:`custom_components.io.InputError` (one line).
 
     Schema (every key optional): ``method`` and ``prediction_type`` one of the code's own names,
-    ``network_preset`` one of the presets of the networks, ``n_images`` an integer >= 3,
-    ``fit_condition``/``fit_residual`` JSON booleans, ``protocol`` an object that
+    ``network_preset`` one of the presets of the networks, ``n_images`` an integer >= 3 (0 for a
+    ``map_prior``, a prior over maps that sees no images), ``fit_condition``/``fit_residual``/``map_prior``
+    JSON booleans, ``protocol`` an object that
     :meth:`Protocol.from_dict` accepts whose values are numbers, lists of numbers, null or plain
     strings. No string anywhere may start with "$", "@" or "%" (:data:`CONFIG_SIGILS`): the card's
     values are copied into a MONAI config, where such strings are code or references."""
@@ -383,10 +385,11 @@ def check_weights_card(card, where: str = "weights card") -> dict:
             if v not in _card_choices(key):
                 refuse(f"{key} must be one of {list(_card_choices(key))}, got {v[:40]!r}")
         elif key == "n_images":
-            if not _plain_number(v, integer=True) or v < 3:
-                refuse(f"n_images must be an integer >= 3, got {str(v)[:40]!r}")
+            prior = card.get("map_prior") is True
+            if not _plain_number(v, integer=True) or (v != 0 if prior else v < 3):
+                refuse(f"n_images must be {'0 for a map prior' if prior else 'an integer >= 3'}, got {str(v)[:40]!r}")
             v = int(v)
-        elif key in ("fit_condition", "fit_residual"):
+        elif key in ("fit_condition", "fit_residual", "map_prior"):
             if not isinstance(v, bool):
                 refuse(f"{key} must be true or false, got {str(v)[:40]!r}")
         elif key == "protocol":
@@ -405,6 +408,8 @@ def check_weights_card(card, where: str = "weights card") -> dict:
             except (ValueError, TypeError) as e:  # ProtocolError is a ValueError
                 refuse(f"protocol: {' '.join(str(e).split())[:200]}")
         out[key] = v
+    if out.get("map_prior") is True and (out.get("fit_condition") is True or out.get("fit_residual") is True):
+        refuse("a map prior sees no images and no fit: fit_condition and fit_residual must not be true")
     return out
 
 

@@ -69,6 +69,29 @@ class ClassicalFitd(MapTransform):
         return d
 
 
+class PriorMapsd(Transform):
+    """Training items of a prior over maps (``map_prior`` Diffusor weights, issue 21 design (a)): the
+    label (3, H, W) = (T1 s, PD, B) in the physical convention (synthesised with a full-recovery
+    protocol, so labels and physical maps coincide) is put in network space with the protocol-free
+    :func:`custom_components.methods.scaling.map_scale` of its PD, and ``cond`` is empty (0, H, W): the
+    network never sees images. The images of the synthetic item are dropped."""
+
+    def __init__(self, label_key: str = "label"):
+        self.label_key = label_key
+
+    def __call__(self, data: Mapping) -> dict:
+        from ..methods.scaling import encode_maps, map_scale
+
+        d = dict(data)
+        label = torch.as_tensor(d[self.label_key])
+        s = map_scale(label[1])
+        d[self.label_key] = encode_maps(label, s)
+        d["scale"] = s
+        d["cond"] = label.new_zeros((0,) + tuple(label.shape[-2:]))
+        d.pop("image", None)
+        return d
+
+
 class EnsureFloatd(MapTransform):
     """Cast the given keys to float32 tensors (after numpy-based steps)."""
 
@@ -142,4 +165,4 @@ class SliceConditiond(Transform):
         return d
 
 
-__all__ = ["SyntheticItemd", "ClassicalFitd", "EnsureFloatd", "LoadIRSeriesd", "SliceConditiond"]
+__all__ = ["SyntheticItemd", "PriorMapsd", "ClassicalFitd", "EnsureFloatd", "LoadIRSeriesd", "SliceConditiond"]

@@ -198,7 +198,7 @@ def brain_scene(rng: np.random.Generator, slice_index: int, realisation: int, sh
     return {"T1": maps["T1"], "T2": maps["T2"], "PD": maps["PD"], "mask": maps["mask"], "tissue": sl["labels"]}
 
 
-SCENE_FAMILIES = ("brain", "random_labels")
+SCENE_FAMILIES = ("brain", "random_labels", "mixed")
 
 
 @dataclass
@@ -213,7 +213,8 @@ class SynthesisConfig:
     thick, like a vial or a sphere of the NIST/ISMRM phantom (None: no walls). ``scene`` picks the scene
     family: "brain" (the embedded anatomy, the default) or "random_labels" (random label maps with
     phantom-like objects, :class:`custom_components.data.random_scenes.RandomLabelScenes`, whose fields
-    ``random_scenes`` overrides).
+    ``random_scenes`` overrides) or "mixed": slice i is a brain with probability ``brain_fraction``
+    (drawn from the item's own seed), else a random label scene.
     """
 
     protocol: str | dict = "paper"
@@ -230,12 +231,15 @@ class SynthesisConfig:
     deform: bool = True
     scene: str = "brain"
     random_scenes: dict | None = None
+    brain_fraction: float = 0.5
 
     def __post_init__(self):
         if self.scene not in SCENE_FAMILIES:
             raise ValueError(f"scene must be one of {SCENE_FAMILIES}, got {self.scene!r}")
-        if self.random_scenes is not None and self.scene != "random_labels":
-            raise ValueError("random_scenes is for scene='random_labels'")
+        if self.random_scenes is not None and self.scene == "brain":
+            raise ValueError("random_scenes is for scene='random_labels' or 'mixed'")
+        if not 0.0 <= float(self.brain_fraction) <= 1.0:
+            raise ValueError(f"brain_fraction must be a probability in [0, 1], got {self.brain_fraction!r}")
         if isinstance(self.effects, dict):
             self.effects = Effects(**self.effects)
         self.matrix = tuple(int(x) for x in self.matrix)
@@ -276,10 +280,13 @@ class SyntheticIRDataset(torch.utils.data.Dataset):
             config = replace(config, **overrides)
         self.config = config
         self.protocol = get_protocol(config.protocol)
-        if scene_fn is None and config.scene == "random_labels":
+        self.random_scene_fn = None
+        if scene_fn is None and config.scene in ("random_labels", "mixed"):
             from .random_scenes import RandomLabelScenes
 
-            scene_fn = RandomLabelScenes(**(config.random_scenes or {}))
+            self.random_scene_fn = RandomLabelScenes(**(config.random_scenes or {}))
+            if config.scene == "random_labels":
+                scene_fn = self.random_scene_fn
         self.scene_fn = scene_fn
         self.with_tissue = bool(with_tissue)
 
@@ -290,6 +297,8 @@ class SyntheticIRDataset(torch.utils.data.Dataset):
         if self.scene_fn is not None:
             return self.scene_fn(rng, s, r, shape)
         c = self.config
+        if c.scene == "mixed" and not np.random.default_rng([c.seed, s, 7]).random() < c.brain_fraction:
+            return self.random_scene_fn(rng, s, r, shape)
         return brain_scene(rng, s, r, shape, wide_t1=c.wide_t1, fov_mm=c.fov_mm, deform=c.deform, geometry_seed=c.seed,
                            wide_t1_objects=c.wide_t1_objects, wide_t1_walls=c.wide_t1_walls)
 

@@ -28,7 +28,8 @@ REPO_BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 LEARNED_METHODS = ("diffusor", "resnet", "rim")
 
 
-def decode_prediction(pred: torch.Tensor, scale: torch.Tensor, protocol) -> tuple[torch.Tensor, torch.Tensor | None]:
+def decode_prediction(pred: torch.Tensor, scale: torch.Tensor, protocol,
+                      labels_physical: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Network-space output -> (T1 s, PD, B) maps in the output convention (physical, TR-corrected
     PD and B of the full model; docs/physics.md): an ensemble (B, S, 3, H, W) (the Diffusor) gives
     its mean and voxel-wise std, a single estimate (B, 3, H, W) (ResNet, RIM) gives the maps and None.
@@ -36,39 +37,45 @@ def decode_prediction(pred: torch.Tensor, scale: torch.Tensor, protocol) -> tupl
     The networks were trained on the synthetic labels, which are apparent (PD, B) for a constant
     finite TR (:mod:`custom_components.data.synthesis`); ``protocol`` (the mapped series' own) turns
     each estimate, every ensemble member before the statistics, into the output convention with
-    :func:`custom_components.data.synthesis.maps_from_labels` (the exact inverse)."""
+    :func:`custom_components.data.synthesis.maps_from_labels` (the exact inverse). ``labels_physical``:
+    the network's labels are already in the output convention (a prior over maps, ``map_prior``)."""
     from ..data.synthesis import labels_are_apparent, maps_from_labels
     from ..methods.inferers import ensemble_statistics
     from ..methods.scaling import decode_maps, encode_maps
 
     pred = pred.float().cpu()
     if pred.ndim == 5:
-        if labels_are_apparent(protocol):  # members -> output convention, back in network space for the statistics
+        if labels_are_apparent(protocol) and not labels_physical:  # members -> output convention, back in network space for the statistics
             s = torch.as_tensor(scale, dtype=pred.dtype)
             s = s[:, None] if s.ndim == 1 else s
             pred = encode_maps(maps_from_labels(decode_maps(pred, s), protocol, dim=-3), s)
         return ensemble_statistics(pred, scale)
-    return maps_from_labels(decode_maps(pred, scale), protocol, dim=-3), None
+    maps = decode_maps(pred, scale)
+    return (maps if labels_physical else maps_from_labels(maps, protocol, dim=-3)), None
 
 
 #: ``qmri map --variant``: which kind of Diffusor weights to choose among the shipped ones (None: the best).
-VARIANTS = ("images", "fit")
+VARIANTS = ("images", "fit", "prior")
 #: The order of preference among the weights that fit the input's protocol, best first: the residual
 #: fit-conditioned model, then the fit-conditioned one, then images only (the paper's). The validation
 #: of bundles/diffusor/docs/README.md: held-out synthetic brains T1 error 8.9 (fifth stage, residual)
 #: / 13.7 (fit-conditioned, not residual) / 18.2 % (images only); twin 0.4-2 s mean error 0.7 / 3.0 / 7.7 %.
-PREFERENCE = ("fit_residual", "fit", "images")
+PREFERENCE = ("fit_residual", "fit", "images", "prior")
 
 
 def weights_variant(card: dict | None) -> str:
-    """The kind of weights a card describes: "fit_residual", "fit" (fit-conditioned) or "images"."""
+    """The kind of weights a card describes: "fit_residual", "fit" (fit-conditioned), "images" or "prior"
+    (a prior over maps for any protocol, ``map_prior``)."""
     card = card or {}
+    if card.get("map_prior") is True:
+        return "prior"
     if card.get("fit_residual") is True:
         return "fit_residual"
     return "fit" if card.get("fit_condition") is True else "images"
 
 
-_VARIANT_WORDS = {"fit_residual": "images + fit, residual", "fit": "images + fit", "images": "images only"}
+_VARIANT_WORDS = {"fit_residual": "images + fit, residual", "fit": "images + fit", "images": "images only",
+                  "prior": "prior over maps + the exact likelihood, any protocol"}
 
 
 def _describe_protocol(p) -> str:
@@ -135,9 +142,9 @@ def choose_weights(bundle_dir: str | Path, method: str, protocol, variant: str |
             raise InputError(f"{path}: its card's protocol is not a protocol ({str(e).splitlines()[0]})") from None
         kind = weights_variant(card)
         seen.append(f"{path.name} ({trained.name}" + (f", {_VARIANT_WORDS[kind]})" if method == "diffusor" else ")"))
-        if variant == "images" and kind != "images" or variant == "fit" and kind == "images":
+        if variant is not None and kind != variant and not (variant == "fit" and kind == "fit_residual"):
             continue
-        if method != "rim":
+        if method != "rim" and kind != "prior":
             try:
                 check_same_timing(trained, protocol)
             except ProtocolError:
@@ -187,7 +194,8 @@ def run_info(method: str, network, inferer=None, fit_condition: bool = False) ->
         dc = getattr(inf, "data_consistency", None)
         return {"n_samples": inf.n_samples, "sampler": inf.sampler,
                 "network_evaluations_per_sample": inf.network_evaluations, "fit_condition": bool(fit_condition),
-                "fit_residual": bool(getattr(inf, "residual", False)), "seed": inf.seed, "symmetry": inf.symmetry,
+                "fit_residual": bool(getattr(inf, "residual", False)), "map_prior": bool(getattr(inf, "map_prior", False)),
+                "start_timestep": getattr(inf, "start_timestep", None), "seed": inf.seed, "symmetry": inf.symmetry,
                 "data_consistency": dc.describe() if dc is not None else {"strength": 0.0}}
     if method == "rim":
         return {"n_steps": network.n_steps, "likelihood": network.noise}
@@ -211,7 +219,8 @@ def with_posterior_std(mean: torch.Tensor, std: torch.Tensor, images: torch.Tens
         if not (np.isfinite(sz) and sz > 0):
             continue
         m = mean[z].double()
-        lab = labels_from_maps(m[0], m[1], m[2], protocol)
+        # the step's own label convention: apparent where its model is (dc.apparent), else the output one
+        lab = labels_from_maps(m[0], m[1], m[2], protocol) if dc.apparent else m
         post = dc.posterior_std(lab, torch.as_tensor(images[z]).double(), sz)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = torch.where(lab.abs() > 0, m / lab, torch.ones_like(m))
@@ -375,7 +384,7 @@ class BundleMapper:
             for k, v in card.items():  # checked against the card schema: plain data, no "$"/"@"/"%" strings
                 if k != "method" and k not in (overrides or {}) and k in parser:
                     parser[k] = json.dumps(v) if k == "protocol" else v
-        self.fit_condition = self.fit_residual = False
+        self.fit_condition = self.fit_residual = self.map_prior = False
         if self.method == "diffusor":
             # weights trained with the classical fit in the condition have 3 more input channels
             w_in = state.get("conv_in.conv.weight") if isinstance(state, dict) else None
@@ -384,6 +393,7 @@ class BundleMapper:
                 parser["fit_condition"] = bool(w_in.shape[1] == 3 + n_img + 3)
             self.fit_condition = bool(parser.get_parsed_content("fit_condition"))
             self.fit_residual = bool(parser.get_parsed_content("fit_residual")) if "fit_residual" in parser else False
+            self.map_prior = bool(parser.get_parsed_content("map_prior")) if "map_prior" in parser else False
         self.network = parser.get_parsed_content("network_def").to(self.device)
         try:
             self.network.load_state_dict(state)
@@ -398,6 +408,7 @@ class BundleMapper:
         from ..bundle.transforms import SliceConditiond
 
         self._conditioner = SliceConditiond(self.fit_condition, self.protocol)  # the bundle's own preprocessing
+        self._prior_fits = {}  # a map prior's classical fit (its start and scale), per protocol
 
     def set_data_consistency(self, strength: float | None = None, noise: str = "rician", n_coils: int = 1,
                              protocol=None, crlb_factor: float | None = None) -> None:
@@ -420,16 +431,22 @@ class BundleMapper:
         if noise not in NOISE_MODELS:
             raise InputError(f"--noise must be one of {', '.join(NOISE_MODELS)}, got {noise!r}")
         self.inferer.data_consistency = (DataConsistency(protocol or self.protocol, strength, noise, int(n_coils),
-                                                         crlb_factor=crlb_factor) if strength > 0 else None)
+                                                         crlb_factor=crlb_factor,
+                                                         labels_apparent=False if self.map_prior else None)
+                                         if strength > 0 else None)
 
     def check_protocol(self, series: IRSeries) -> None:
         """A learned model maps only the protocol it was trained for (re-train for another one).
 
-        The RIM is physics-driven: it maps any protocol, with the series' own inversion times."""
+        The RIM is physics-driven: it maps any protocol, with the series' own inversion times; so does a
+        prior over maps (``map_prior``), through the data-consistency step's likelihood."""
         from ..physics.protocol import ProtocolError, check_same_timing
 
         if self.method == "rim":
             self.network.protocol = series.protocol  # physics-driven: the series' own inversion times
+            return
+        if self.map_prior:
+            self.protocol = series.protocol
             return
         try:
             check_same_timing(self.protocol, series.protocol)
@@ -446,10 +463,14 @@ class BundleMapper:
         from ..methods.scaling import signal_scale
 
         img = torch.as_tensor(np.asarray(images, dtype=np.float32))[None]  # one slice: (1, N, H, W)
-        s = signal_scale(img)
-        cond = self._conditioner({"image": img, "scale": s})["cond"][0][None].to(self.device)
         if protocol is None:
             protocol = self.network.protocol if self.method == "rim" else self.protocol
+        if self.map_prior:
+            s, cond = self.prior_condition(img[0], protocol)
+            cond = cond[None].to(self.device)
+        else:
+            s = signal_scale(img)
+            cond = self._conditioner({"image": img, "scale": s})["cond"][0][None].to(self.device)
         if self.method == "diffusor":
             dc = self.inferer.data_consistency
             if dc is not None and dc.protocol is not protocol and protocol is not None:
@@ -462,10 +483,26 @@ class BundleMapper:
             pred = self.network(cond, sigma=sig.to(self.device))
         else:
             pred = self.network(cond)
-        mean, std = decode_prediction(pred, s, protocol)
+        mean, std = decode_prediction(pred, s, protocol, labels_physical=self.map_prior)
         if std is not None and self.method == "diffusor" and self.inferer.data_consistency is not None:
             std = with_posterior_std(mean, std, img, sigma, protocol, self.inferer.data_consistency)
         return mean[0].numpy(), (None if std is None else std[0].numpy())
+
+    def prior_condition(self, images: torch.Tensor, protocol) -> tuple[torch.Tensor, torch.Tensor]:
+        """A map prior's inputs for one slice (N, H, W): the scale (1,) (:func:`custom_components.methods.scaling.map_scale`
+        of the classical fit's PD over the voxels with signal) and [images / scale, the fit in network
+        space] (N + 3, H, W): the images for the data-consistency step, the fit where the sampler starts
+        (``start_timestep``). The fit is :class:`custom_components.bundle.transforms.ClassicalFitd`'s for
+        the series' protocol, in the physical convention of the prior's labels."""
+        from ..bundle.transforms import ClassicalFitd
+        from ..methods.scaling import encode_maps, map_scale
+
+        key = json.dumps(protocol.to_dict(), sort_keys=True)
+        if key not in self._prior_fits:
+            self._prior_fits = {key: ClassicalFitd(protocol)}
+        fit = self._prior_fits[key]({"image": images})["fit"]
+        s = map_scale(fit[1], fit[1] > 0).reshape(1)
+        return s, torch.cat([images / s, encode_maps(fit, s[0])], dim=0)
 
     def info(self) -> dict:
         return run_info(self.method, self.network, self.inferer, self.fit_condition)
@@ -479,7 +516,7 @@ def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, met
                            sampler: str | None = None, device: str = "cpu", progress: bool = True, sigma=None,
                            seed: int | None = None, symmetry: str | None = None, variant: str | None = None,
                            dc: float | None = None, dc_crlb: float | None = None, noise: str = "rician",
-                           n_coils: int = 1, **_):
+                           n_coils: int = 1, start_timestep: int | None = None, **_):
     """Map every slice of a series with a trained bundle; returns a :class:`custom_components.mapping.MappingResult`.
 
     ``seed``: the Diffusor's seed of the ensemble's initial noise (None: the bundle's, 0, so
@@ -497,15 +534,22 @@ def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, met
     likelihood and the Diffusor runs without data-consistency, which its sidecar says).
     ``dc``: the Diffusor's data-consistency strength (:mod:`custom_components.methods.data_consistency`;
     0: off; None: the bundle's default), ``dc_crlb`` its CRLB bound (None: the bundle's default), with the
-    noise model ``noise``/``n_coils`` (as for the fit)."""
+    noise model ``noise``/``n_coils`` (as for the fit). ``start_timestep``: a map prior's start from the
+    classical fit noised to that DDPM timestep (-1: from pure noise; None: the bundle's
+    ``prior_start_timestep``); weights other than a map prior always start from pure noise."""
     from ..methods.fitting import signal_mask
     from .results import MappingResult
 
     overrides = {k: v for k, v in (("n_samples", samples), ("steps", steps), ("sampler", sampler), ("seed", seed),
                                    ("symmetry", symmetry)) if v is not None}
+    if start_timestep is not None:
+        if isinstance(start_timestep, bool) or not isinstance(start_timestep, (int, np.integer)) \
+                or not -1 <= int(start_timestep) < 1000:
+            raise InputError(f"--start_timestep must be an integer in -1..999 (-1: pure noise), got {start_timestep!r}")
+        overrides["prior_start_timestep"] = None if int(start_timestep) < 0 else int(start_timestep)
     if method != "diffusor" and (overrides or dc is not None or dc_crlb is not None):
-        raise InputError(f"--samples/--steps/--sampler/--seed/--symmetry/--dc/--dc_crlb apply to the diffusor only, "
-                         f"not to {method}")
+        raise InputError(f"--samples/--steps/--sampler/--seed/--symmetry/--start_timestep/--dc/--dc_crlb apply to the "
+                         f"diffusor only, not to {method}")
     from ..methods.inferers import SAMPLERS, SYMMETRIES
 
     for flag, value, choices in (("sampler", sampler, SAMPLERS), ("symmetry", symmetry, SYMMETRIES)):

@@ -57,6 +57,9 @@ def sidecars_for(result: MappingResult, series: IRSeries, method: str) -> dict[s
               "Fit": {k: v for k, v in result.info.items() if isinstance(v, (str, int, float, list, bool, type(None)))}}
     if isinstance(result.info.get("weights"), dict):  # learned methods: file, sha256, card (mapping.learned.weights_record)
         common["Weights"] = result.info["weights"]
+    for key, name in (("data_consistency", "DataConsistency"), ("std_calibration", "StdCalibration")):
+        if isinstance(result.info.get(key), dict):  # the Diffusor's settings that are records, not single values
+            common[name] = result.info[key]
     out = {}
     for key, arr in result.maps.items():
         base = key[:-4] if key.endswith("_std") else key

@@ -83,11 +83,14 @@ def target_for(x0: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor, pred
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
-def ddim_timesteps(num_train_timesteps: int, steps: int) -> np.ndarray:
-    """The consistent grid t_K > ... > t_1 = 0 (integers, distinct)."""
+def ddim_timesteps(num_train_timesteps: int, steps: int, t_max: int | None = None) -> np.ndarray:
+    """The consistent grid t_max = t_K > ... > t_1 = 0 (integers, distinct; ``t_max`` None: T-1)."""
     if not 1 <= steps <= num_train_timesteps:
         raise ValueError(f"steps must be in 1..{num_train_timesteps}, got {steps}")
-    ts = np.unique(np.round(np.linspace(num_train_timesteps - 1, 0, steps)).astype(int))[::-1]
+    t_max = num_train_timesteps - 1 if t_max is None else int(t_max)
+    if not 0 <= t_max < num_train_timesteps:
+        raise ValueError(f"t_max must be in 0..{num_train_timesteps - 1}, got {t_max}")
+    ts = np.unique(np.round(np.linspace(t_max, 0, steps)).astype(int))[::-1]
     return ts
 
 
@@ -97,28 +100,31 @@ def logsnr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return 0.5 * (torch.log(a) - torch.log1p(-a))
 
 
-def logsnr_timesteps(alphas_cumprod: torch.Tensor, steps: int) -> np.ndarray:
-    """Integer timesteps T-1 = t_K > ... > t_1 = 0 nearest to a grid uniform in log-SNR."""
+def logsnr_timesteps(alphas_cumprod: torch.Tensor, steps: int, t_max: int | None = None) -> np.ndarray:
+    """Integer timesteps t_max = t_K > ... > t_1 = 0 nearest to a grid uniform in log-SNR (``t_max``
+    None: T-1, the start from pure noise)."""
     lam = logsnr(alphas_cumprod)
-    t_max = len(lam) - 1
+    t_max = len(lam) - 1 if t_max is None else int(t_max)
+    if not 0 <= t_max < len(lam):
+        raise ValueError(f"t_max must be in 0..{len(lam) - 1}, got {t_max}")
     if not 1 <= steps <= len(lam):
         raise ValueError(f"steps must be in 1..{len(lam)}, got {steps}")
     if steps == 1:
         return np.array([t_max])
     targets = torch.linspace(float(lam[t_max]), float(lam[0]), steps, dtype=torch.float64)
-    ts = [int(torch.argmin((lam - v).abs())) for v in targets]
+    ts = [int(torch.argmin((lam[:t_max + 1] - v).abs())) for v in targets]
     return np.array(sorted(set(ts), reverse=True))
 
 
 def ddim_sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T: torch.Tensor,
                 alphas_cumprod: torch.Tensor, steps: int, prediction_type: str = "epsilon", eta: float = 0.0,
                 clip: float | None = 1.0, generator: torch.Generator | None = None, progress: bool = False,
-                x0_hook: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                x0_hook: Callable[[torch.Tensor], torch.Tensor] | None = None, t_max: int | None = None) -> torch.Tensor:
     """DDIM from x_T with ``steps`` network evaluations (see module doc). ``model(x_t, t)`` -> output.
     ``x0_hook``: applied to every step's x0 estimate after the clip (data-consistency), before eps is
-    re-derived from it."""
+    re-derived from it. ``t_max``: the timestep of ``x_T`` (None: T-1, pure noise)."""
     abar = alphas_cumprod.to(device=x_T.device, dtype=torch.float64)
-    ts = ddim_timesteps(len(abar), steps)
+    ts = ddim_timesteps(len(abar), steps, t_max)
     x = x_T
     it = range(len(ts))
     if progress:
@@ -146,12 +152,13 @@ def ddim_sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T
 def dpmpp2m_sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T: torch.Tensor,
                    alphas_cumprod: torch.Tensor, steps: int, prediction_type: str = "epsilon",
                    clip: float | None = 1.0, progress: bool = False,
-                   x0_hook: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                   x0_hook: Callable[[torch.Tensor], torch.Tensor] | None = None, t_max: int | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) on a log-SNR grid, ``steps`` network evaluations (see module doc); ``x0_hook``
-    is applied to every step's x0 estimate after the clip (data-consistency), the last one included."""
+    is applied to every step's x0 estimate after the clip (data-consistency), the last one included.
+    ``t_max``: the timestep of ``x_T`` (None: T-1, pure noise)."""
     abar = alphas_cumprod.to(device=x_T.device, dtype=torch.float64)
     lam = logsnr(abar)
-    ts = logsnr_timesteps(abar, steps)
+    ts = logsnr_timesteps(abar, steps, t_max)
     x = x_T
     prev_x0, prev_h = None, None
     it = range(len(ts))
@@ -183,15 +190,16 @@ def dpmpp2m_sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
 
 def ddpm_sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T: torch.Tensor, scheduler: DDPMScheduler,
                 clip: float | None = 1.0, generator: torch.Generator | None = None, progress: bool = False,
-                x0_hook: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """The full ancestral DDPM chain (T network evaluations), x0 clipped to [-clip, clip] at each step,
-    then passed through ``x0_hook`` (data-consistency) before the posterior mean is formed."""
+                x0_hook: Callable[[torch.Tensor], torch.Tensor] | None = None, t_max: int | None = None) -> torch.Tensor:
+    """The full ancestral DDPM chain (T network evaluations, or t_max + 1 from ``x_T`` at timestep
+    ``t_max``), x0 clipped to [-clip, clip] at each step, then passed through ``x0_hook``
+    (data-consistency) before the posterior mean is formed."""
     abar = scheduler.alphas_cumprod.to(x_T.device)
     betas = scheduler.betas.to(x_T.device)
     alphas = scheduler.alphas.to(x_T.device)
     T = scheduler.num_train_timesteps
     x = x_T
-    it = range(T - 1, -1, -1)
+    it = range(T - 1 if t_max is None else int(t_max), -1, -1)
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(it, desc=f"DDPM {T} steps", leave=False)
@@ -296,13 +304,28 @@ class EnsembleDDPMInferer(Inferer):
             condition channels) by its proximal step; needs the noise std ``sigma`` at call time
             (``inferer(cond, network, sigma=...)``, one value per input in the units of the scaled
             images). Without a finite positive sigma the step is skipped.
+        map_prior: the network is a prior over maps alone (no condition channels: it was trained on
+            maps, never on images; issue 21, design (a)). The inputs are then [images, start maps]
+            (N + 3 channels): the images reach the samples only through ``data_consistency`` (the
+            exact likelihood of *their* protocol), and the last 3 channels (network space: the
+            classical fit) are where the sampler starts when ``start_timestep`` is set.
+        start_timestep: None (default): every sample starts from pure noise at t = T-1. An integer
+            t0 < T: it starts from the last 3 input channels noised to t0,
+            x_t0 = sqrt(abar_t0) x_start + sqrt(1 - abar_t0) eps (SDEdit, Meng et al. 2022; with the
+            classical fit as x_start, a few-step bridge from the fit), and the sampler's grid runs
+            from t0 to 0.
     """
 
     def __init__(self, scheduler: DDPMScheduler, n_samples: int = 10, sampler: str = "dpm++2m", steps: int = 20,
                  eta: float = 0.0, clip: float | None = 1.0, max_batch: int | None = None, seed: int | None = 0,
                  autocast_dtype: torch.dtype | str | None = None, progress: bool = False, pad_multiple: int = 4,
-                 residual: bool = False, symmetry: str = "none", data_consistency=None):
+                 residual: bool = False, symmetry: str = "none", data_consistency=None, map_prior: bool = False,
+                 start_timestep: int | None = None):
         super().__init__()
+        if map_prior and residual:
+            raise ValueError("a map prior has no fit in its condition, so it cannot be residual")
+        if start_timestep is not None and not 0 <= int(start_timestep) < scheduler.num_train_timesteps:
+            raise ValueError(f"start_timestep must be in 0..{scheduler.num_train_timesteps - 1} or None, got {start_timestep}")
         member_frames(1, symmetry)  # a bad value fails here
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -323,19 +346,22 @@ class EnsembleDDPMInferer(Inferer):
         self.residual = bool(residual)
         self.symmetry = symmetry
         self.data_consistency = data_consistency
+        self.map_prior = bool(map_prior)
+        self.start_timestep = None if start_timestep is None else int(start_timestep)
 
     @property
     def network_evaluations(self) -> int:
         """Network evaluations per sample (each is one batched call)."""
+        t0 = self.start_timestep
         if self.sampler == "ddpm":
-            return self.scheduler.num_train_timesteps
+            return self.scheduler.num_train_timesteps if t0 is None else t0 + 1
         if self.sampler == "ddim":
-            return len(ddim_timesteps(self.scheduler.num_train_timesteps, self.steps))
-        return len(logsnr_timesteps(self.scheduler.alphas_cumprod, self.steps))
+            return len(ddim_timesteps(self.scheduler.num_train_timesteps, self.steps, t0))
+        return len(logsnr_timesteps(self.scheduler.alphas_cumprod, self.steps, t0))
 
     def _model_fn(self, network, cond):
         def fn(x, t):
-            inp = torch.cat([x, cond], dim=1)
+            inp = x if self.map_prior else torch.cat([x, cond], dim=1)
             dtype = resolve_autocast_dtype(self.autocast_dtype, inp.device.type)
             if dtype is not None:
                 with torch.autocast(device_type=inp.device.type, dtype=dtype):
@@ -375,6 +401,10 @@ class EnsembleDDPMInferer(Inferer):
         gen = torch.Generator(device=cond.device).manual_seed(int(self.seed)) if self.seed is not None else None
         shape = (b * s, 3) + tuple(cond.shape[-2:])
         x_T = torch.randn(shape, generator=gen, device=cond.device, dtype=cond.dtype)
+        t0 = self.start_timestep
+        if t0 is not None:  # SDEdit: the start maps (last 3 input channels) noised to t0
+            a0 = self.scheduler.alphas_cumprod[t0].to(cond.dtype)
+            x_T = a0.sqrt() * cond_rep[:, -3:] + (1 - a0).sqrt() * x_T
         out = torch.empty_like(x_T)
         frames = member_frames(s, self.symmetry)
         clip = None if self.clip is None else (2 * self.clip if self.residual else self.clip)
@@ -394,14 +424,15 @@ class EnsembleDDPMInferer(Inferer):
                 hook = self._hook(cond_f[i:i + chunk], None if sig_rep is None else sig_rep[idx[i:i + chunk].cpu()])
                 if self.sampler == "ddpm":
                     x0 = ddpm_sample(fn, x_f[i:i + chunk], self.scheduler, clip=clip, generator=gen, progress=self.progress,
-                                     x0_hook=hook)
+                                     x0_hook=hook, t_max=t0)
                 elif self.sampler == "dpm++2m":
                     x0 = dpmpp2m_sample(fn, x_f[i:i + chunk], self.scheduler.alphas_cumprod, self.steps,
-                                        self.scheduler.prediction_type, clip=clip, progress=self.progress, x0_hook=hook)
+                                        self.scheduler.prediction_type, clip=clip, progress=self.progress, x0_hook=hook,
+                                        t_max=t0)
                 else:
                     x0 = ddim_sample(fn, x_f[i:i + chunk], self.scheduler.alphas_cumprod, self.steps,
                                      self.scheduler.prediction_type, eta=self.eta, clip=clip, generator=gen,
-                                     progress=self.progress, x0_hook=hook)
+                                     progress=self.progress, x0_hook=hook, t_max=t0)
                 res.append(x0)
             out[idx] = frame_transform(torch.cat(res), frame, inverse=True)
         if self.residual:
@@ -541,6 +572,53 @@ class ConditionalDiffusionPrepareBatch(DiffusionPrepareBatch):
         return x0, target, (), {"noise": noise, "timesteps": timesteps, "condition": cond, "mode": "concat"}
 
 
+class DenoisingPrepareBatch(PrepareBatch):
+    """Validation batches that score a diffusion network as a denoiser at fixed noise levels (the
+    validation curve of a prior over maps, which has no condition to map from): every item's x0 =
+    ``batch[x0_name]`` is noised to each of ``timesteps`` with noise from a generator seeded with
+    ``seed`` at every call (the same noise at every validation), inputs = [x_t, condition] for all
+    (timestep, item) pairs, targets = x0 repeated, and the timesteps go to the inferer
+    (:class:`DenoisingInferer`)."""
+
+    def __init__(self, scheduler: DDPMScheduler, timesteps=(50, 200, 500), seed: int = 0, condition_name: str = "cond",
+                 x0_name: str = "label"):
+        self.scheduler = scheduler
+        self.timesteps = [int(t) for t in timesteps]
+        self.seed = int(seed)
+        self.condition_name = condition_name
+        self.x0_name = x0_name
+
+    def __call__(self, batchdata: Mapping, device=None, non_blocking: bool = False, **kwargs):
+        x0 = batchdata[self.x0_name].to(device, non_blocking=non_blocking)
+        cond = batchdata[self.condition_name].to(device, non_blocking=non_blocking)
+        gen = torch.Generator().manual_seed(self.seed)
+        inputs, targets, ts = [], [], []
+        for t in self.timesteps:
+            a = self.scheduler.alphas_cumprod[t].to(x0.dtype)
+            noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
+            inputs.append(torch.cat([a.sqrt() * x0 + (1 - a).sqrt() * noise, cond], dim=1))
+            targets.append(x0)
+            ts.append(torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device))
+        return torch.cat(inputs), torch.cat(targets), (), {"timesteps": torch.cat(ts)}
+
+
+class DenoisingInferer(Inferer):
+    """The network's x0 estimate (clipped to [-clip, clip]) from inputs [x_t (3 channels), condition]
+    at ``timesteps`` (:class:`DenoisingPrepareBatch`)."""
+
+    def __init__(self, scheduler: DDPMScheduler, clip: float | None = 1.0):
+        super().__init__()
+        self.scheduler = scheduler
+        self.clip = clip
+
+    @torch.no_grad()
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, timesteps=None, **kwargs: Any):
+        out = network(inputs, timesteps=timesteps)
+        abar = self.scheduler.alphas_cumprod.to(inputs.device)[timesteps].to(inputs.dtype).view(-1, 1, 1, 1)
+        x0, _ = to_x0_eps(out, inputs[:, :3], abar, self.scheduler.prediction_type)
+        return x0 if self.clip is None else x0.clamp(-self.clip, self.clip)
+
+
 class ConditionPrepareBatch(PrepareBatch):
     """Evaluation batches: inputs = the condition, targets = the maps (network space)."""
 
@@ -557,4 +635,4 @@ class ConditionPrepareBatch(PrepareBatch):
 __all__ = ["PREDICTION_TYPES", "SAMPLERS", "SYMMETRIES", "frame_transform", "member_frames", "ddpm_scheduler", "to_x0_eps", "target_for", "ddim_timesteps", "ddim_sample",
            "logsnr", "logsnr_timesteps", "dpmpp2m_sample",
            "ddpm_sample", "EnsembleDDPMInferer", "ensemble_statistics", "ROBUST_CLIP", "ConditionalDiffusionInferer",
-           "ConditionalDiffusionPrepareBatch", "ConditionPrepareBatch"]
+           "ConditionalDiffusionPrepareBatch", "ConditionPrepareBatch", "DenoisingPrepareBatch", "DenoisingInferer"]

@@ -46,6 +46,23 @@ def signal_scale(images: torch.Tensor, mask: torch.Tensor | None = None) -> torc
     return s.to(images.dtype).clamp_min(1e-12)
 
 
+def map_scale(pd: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The signal scale of a prior over maps (``map_prior`` Diffusor weights, issue 21): the 99.5th
+    percentile of PD (..., H, W) over the voxels of ``mask`` (all where None), one value per map, never
+    below a tiny positive floor. In training PD is the true map; at inference the classical fit's, over
+    the voxels with signal. Unlike :func:`signal_scale` it does not depend on the protocol (how much
+    of PD a short TR or short TIs leave in the images), so the prior's PD channel means the same for
+    every protocol."""
+    pd = torch.as_tensor(pd).abs().flatten(-2).float()
+    if mask is not None:
+        pd = torch.where(torch.as_tensor(mask).flatten(-2).bool(), pd, torch.full_like(pd, float("nan")))
+        s = torch.nanquantile(pd, PERCENTILE / 100, dim=-1)
+        s = torch.where(torch.isfinite(s), s, torch.ones_like(s))
+    else:
+        s = torch.quantile(pd, PERCENTILE / 100, dim=-1)
+    return s.clamp_min(1e-12)
+
+
 def _scales(scale, ref: torch.Tensor) -> torch.Tensor:
     """(T1, PD, B) normalisers of shape (..., 3, 1, 1) for a scale of shape (...)."""
     s = torch.as_tensor(scale, dtype=ref.dtype, device=ref.device)
@@ -98,4 +115,4 @@ class QMRIScaled(MapTransform, InvertibleTransform):
         return d
 
 
-__all__ = ["T1_SCALE_S", "B_SCALE", "signal_scale", "encode_maps", "decode_maps", "QMRIScaled"]
+__all__ = ["T1_SCALE_S", "B_SCALE", "signal_scale", "map_scale", "encode_maps", "decode_maps", "QMRIScaled"]

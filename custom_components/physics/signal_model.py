@@ -211,10 +211,15 @@ def crlb(params, protocol: Protocol, sigma, dim: int = 0) -> torch.Tensor:
     Gaussian noise of std ``sigma`` on every image, all three parameters free. Returns a tensor of
     shape (..., 3) (the parameter tensor's shape without ``dim``, then T1, PD, B).
     Reference values (facts.md; PD 1, B 2, paper TIs, SNR 50): T1 1 s -> 46 ms, 0.5 s -> 16 ms.
+    Where the Fisher information is singular (the images carry no information on some combination of
+    the parameters: e.g. a T1 so short that every image has fully recovered, or no signal at all) the
+    bound is infinite: inf for all three of that voxel.
     """
     f = fisher_information(params, protocol, sigma, dim)
-    cov = torch.linalg.inv(f)
-    return torch.sqrt(torch.diagonal(cov, dim1=-2, dim2=-1))
+    cov, info = torch.linalg.inv_ex(f)
+    out = torch.sqrt(torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0))
+    singular = (info != 0)[..., None] | ~torch.isfinite(out)
+    return torch.where(singular, torch.full_like(out, float("inf")), out)
 
 
 def crlb_t1_table(t1s_s, snrs, protocol: Protocol, b: float = 2.0) -> np.ndarray:
