@@ -32,7 +32,8 @@ import torch
 
 from custom_components.data.scenes import SPLIT_SEEDS
 from custom_components.reporting.comparison import MethodSpec, _cpu_name
-from custom_components.reporting.robustness import (BRAIN_TISSUES, target_sphere_rows, validation_runs,
+from custom_components.reporting.robustness import (BRAIN_TISSUES, calibration_factor, target_sphere_rows,
+                                                    uncertainty_scores, uncertainty_voxels, validation_runs,
                                                     within_bias_target)
 
 
@@ -117,7 +118,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--protocols", default="paper,nist15,nist15_variable_tr,invivo9")
     ap.add_argument("--settings", default="-1:10,500:5,250:3")
     ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--calibration_out", default=None,
+                    help="std_calibration.json to add the chosen setting's factor to (fitted on the validation brains)")
     return ap.parse_args(argv)
+
+
+def calibrate(runs, key: str, command: str, date: str) -> tuple[str, dict] | None:
+    """The std calibration entry of the weights that ``key`` ran with, fitted on the validation brains
+    (the factor c that makes the 1-std coverage of the T1 error 68 %), or None without brains."""
+    samples, info = [], None
+    for r in runs:
+        res = r.results.get(key)
+        if r.scene.kind != "brain" or res is None or "T1_std" not in res.maps:
+            continue
+        t, mu, sd = uncertainty_voxels(r.scene, res.maps)
+        applied = (res.info.get("std_calibration") or {}).get("factor", 1.0)  # fit on the uncalibrated std
+        samples.append((t, mu, sd / applied))
+        info = res.info
+    if not samples:
+        return None
+    c = calibration_factor(samples)
+    dc = info.get("data_consistency") or {}
+    return info["weights"]["File"], {
+        "factor": round(c, 4), "dc_strength": dc.get("strength", 0.0), "dc_crlb_factor": dc.get("crlb_factor", 0.0),
+        **{k: info.get(k) for k in ("n_samples", "network_evaluations_per_sample", "sampler", "symmetry", "start_timestep")},
+        "fitted_on": f"validation half of the robustness suite (seed {SPLIT_SEEDS['validation']}), {len(samples)} brain "
+                     "scene(s), every protocol", "before": uncertainty_scores(samples), "after": uncertainty_scores(samples, c),
+        "command": command, "date": date}
 
 
 def _f(x, fmt="{:.1f}"):
@@ -146,9 +173,12 @@ def main(argv=None):
     sel = [r for r in runs if protocol_of(r.scene) in shipped]
     p_best, p_default = plate_summary(sel, best), plate_summary(sel, "diffusor")
     becomes_default = bool(p_best["n_meet"] >= p_default["n_meet"] and p_best["median_std_ratio"] < 1)
+    command = (f"python scripts/prior_validation.py --weights {a.weights} --out {a.out} --plates {a.plates} "
+               f"--brains {a.brains} --protocols {a.protocols} --settings={a.settings} --samples {a.samples}"
+               + (f" --calibration_out {a.calibration_out}" if a.calibration_out else ""))
+    calib = calibrate(runs, best, command, when)
     md = ["# The Diffusor with a prior over maps, on the validation half of the robustness suite", "",
-          f"Command: `python scripts/prior_validation.py --weights {a.weights} --out {a.out} --plates {a.plates} "
-          f"--brains {a.brains} --protocols {a.protocols} --settings {a.settings} --samples {a.samples}`, {when}, "
+          f"Command: `{command}`, {when}, "
           f"{_cpu_name()}, {platform.machine()}, {torch.get_num_threads()} torch threads; "
           f"{(time.perf_counter() - t_start) / 60:.1f} min. Scenes: validation plates 0-{a.plates - 1} and brains "
           f"0-{a.brains - 1} of `qmri robustness` (split seed {SPLIT_SEEDS['validation']}), each in every protocol; "
@@ -177,6 +207,18 @@ def main(argv=None):
            f"{p_best['n_meet']} of {p_best['n_det']}, the shipped default {p_default['n_meet']} of {p_default['n_det']}; "
            f"the prior's median within-ROI std / fit's {p_best['median_std_ratio']:.2f}. "
            f"The prior {'becomes' if becomes_default else 'does not become'} the default.", ""]
+    if calib is not None:
+        wfile, entry = calib
+        md += ["## Std calibration (validation brains, the chosen setting)", "",
+               f"{wfile}: factor {entry['factor']}; 1-std / 2-std coverage of the T1 error before "
+               f"{entry['before']['coverage_1']:.2f} / {entry['before']['coverage_2']:.2f}, after "
+               f"{entry['after']['coverage_1']:.2f} / {entry['after']['coverage_2']:.2f}; Spearman of std with |error| "
+               f"{entry['before']['spearman']:.2f} ({entry['before']['n']} voxels).", ""]
+        if a.calibration_out:
+            path = Path(a.calibration_out)
+            table = json.loads(path.read_text()) if path.exists() else {"weights": {}}
+            table.setdefault("weights", {})[wfile] = entry
+            path.write_text(json.dumps(table, indent=1) + "\n")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("\n".join(md) + "\n")
     Path(a.out).with_suffix(".json").write_text(json.dumps({"table": table, "best": best,

@@ -273,7 +273,7 @@ def noise_level(method: str, data: np.ndarray, sigma: float | None = None, noise
 
 STD_CALIBRATION_FILE = "std_calibration.json"
 _CALIBRATION_SETTINGS = ("dc_strength", "dc_crlb_factor", "n_samples", "network_evaluations_per_sample", "sampler",
-                         "symmetry")
+                         "symmetry", "start_timestep")
 
 
 def std_calibration(weights_path, info: dict) -> tuple[float, dict]:
@@ -302,7 +302,7 @@ def std_calibration(weights_path, info: dict) -> tuple[float, dict]:
     dc = info.get("data_consistency") or {}
     run = {"dc_strength": dc.get("strength", 0.0), "dc_crlb_factor": dc.get("crlb_factor", 0.0),
            **{k: info.get(k) for k in _CALIBRATION_SETTINGS[2:]}}
-    entry = {"dc_crlb_factor": 0.0, **entry}  # entries written before the CRLB bound: none
+    entry = {"dc_crlb_factor": 0.0, "start_timestep": None, **entry}  # older entries: no CRLB bound, start from noise
     differ = [k for k in _CALIBRATION_SETTINGS if entry.get(k) != run[k]]
     if differ:
         return 1.0, {"factor": 1.0, "note": "uncalibrated: fitted with other settings (" + ", ".join(

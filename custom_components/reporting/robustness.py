@@ -61,6 +61,7 @@ METHODS = {
     "diffusor": ("Diffusor (default)", "diffusor", {}),
     "diffusor_nodc": ("Diffusor without DC", "diffusor", {"dc": 0}),
     "diffusor_images": ("Diffusor (images only, the paper's)", "diffusor", {"variant": "images"}),
+    "diffusor_prior": ("Diffusor, prior over maps (any protocol)", "diffusor", {"variant": "prior"}),
     "resnet": ("ResNet", "resnet", {}),
     "rim": ("RIM", "rim", {}),
 }
