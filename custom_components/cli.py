@@ -138,7 +138,7 @@ class QMRI:
             symmetry: str | None = None, seed: int | None = None, device: str = "cpu", bundle: str | None = None, weights: str | None = None,
             variant: str | None = None, quiet: bool = False, bids: bool = False, subject: str | None = None, session: str | None = None,
             tv_weight: float | None = None, dc: float | None = None, dc_crlb: float | None = None,
-            start_timestep: int | None = None):
+            start_timestep: int | None = None, dc_anneal: float | None = None):
         """Map T1 (s), PD and inversion efficiency B from an IR series; write NIfTI maps with JSON sidecars.
 
         Args:
@@ -202,6 +202,9 @@ class QMRI:
             start_timestep: diffusor with prior weights (``--variant prior``, any protocol): the sampler
                 starts from the classical fit noised to this DDPM timestep (0-999), or from pure noise
                 (-1); default: the bundle's ``prior_start_timestep``.
+            dc_anneal: diffusor: lambda >= 0 of the data-consistency strength's schedule over the sampler's
+                steps, w_t = sqrt(w^2 + lambda^2 (1 - abar_t) / abar_t) (0: --dc at every step; default: the
+                bundle's, ``prior_dc_anneal`` for prior weights, else 0).
         """
         from .io import load_nifti_map, load_series
         from .mapping import map_series, output_arrays, sidecars_for
@@ -211,7 +214,7 @@ class QMRI:
         from .io import InputError, nonnegative_number
 
         for flag, value, owner in (("tv_weight", tv_weight, "tv"), ("dc", dc, "diffusor"), ("dc_crlb", dc_crlb, "diffusor"),
-                                   ("start_timestep", start_timestep, "diffusor")):
+                                   ("start_timestep", start_timestep, "diffusor"), ("dc_anneal", dc_anneal, "diffusor")):
             if value is None:
                 continue
             if method != owner:
@@ -242,7 +245,8 @@ class QMRI:
                          **({} if tv_weight is None else {"tv_weight": float(tv_weight)}),
                          **({} if dc is None else {"dc": float(dc)}),
                          **({} if dc_crlb is None else {"dc_crlb": float(dc_crlb)}),
-                         **({} if start_timestep is None else {"start_timestep": start_timestep}))
+                         **({} if start_timestep is None else {"start_timestep": start_timestep}),
+                         **({} if dc_anneal is None else {"dc_anneal": float(dc_anneal)}))
         if bids:
             written = save_bids_derivatives(out, output_arrays(res), series.affine, sidecars_for(res, series, method),
                                             subject=str(sub), session=None if ses is None else str(ses), method=method,

@@ -37,21 +37,28 @@ from custom_components.reporting.robustness import (BRAIN_TISSUES, calibration_f
                                                     within_bias_target)
 
 
-def parse_settings(text: str) -> list[tuple[int, int]]:
-    """"-1:10,400:5" -> [(-1, 10), (400, 5)]: (start timestep, sampler steps) pairs."""
+def parse_settings(text: str) -> list[tuple[int, int, float, float]]:
+    """"-1:10,400:5:0.05:1" -> [(-1, 10, 0.2, 0), (400, 5, 0.05, 1.0)]: (start timestep, sampler steps,
+    data-consistency strength w (default 0.2), its anneal lambda (default 0: constant))."""
     out = []
     for part in text.split(","):
-        t0, k = part.split(":")
-        out.append((int(t0), int(k)))
+        v = part.split(":")
+        out.append((int(v[0]), int(v[1]), float(v[2]) if len(v) > 2 else 0.2, float(v[3]) if len(v) > 3 else 0.0))
     return out
+
+
+def setting_key(t0: int, k: int, w: float, lam: float) -> str:
+    return f"prior_{t0}_{k}_{w:g}_{lam:g}"
 
 
 def method_specs(weights: str, settings: list[tuple[int, int]], samples: int) -> list[MethodSpec]:
     specs = [MethodSpec("mle", "classical fit (ML)", "mle"), MethodSpec("tv", "TV-regularised fit", "tv"),
              MethodSpec("diffusor", "Diffusor, shipped default for the protocol", "diffusor")]
-    for t0, k in settings:
-        specs.append(MethodSpec(f"prior_{t0}_{k}", f"prior, start {'noise' if t0 < 0 else f't={t0}'}, {k} steps",
-                                "diffusor", {"weights": weights, "start_timestep": t0, "steps": k, "samples": samples}))
+    for t0, k, w, lam in settings:
+        specs.append(MethodSpec(setting_key(t0, k, w, lam), f"prior, start {'noise' if t0 < 0 else f't={t0}'}, {k} steps, "
+                                f"DC {w:g}" + (f" annealed ({lam:g})" if lam else ""), "diffusor",
+                                {"weights": weights, "start_timestep": t0, "steps": k, "samples": samples, "dc": w,
+                                 "dc_anneal": lam}))
     return specs
 
 
@@ -116,7 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--plates", type=int, default=3)
     ap.add_argument("--brains", type=int, default=2)
     ap.add_argument("--protocols", default="paper,nist15,nist15_variable_tr,invivo9")
-    ap.add_argument("--settings", default="-1:10,500:5,250:3")
+    ap.add_argument("--settings", default="-1:10,500:5,250:3",
+                    help="start:steps[:dc[:anneal]] per setting, comma separated (start -1: pure noise)")
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--calibration_out", default=None,
                     help="std_calibration.json to add the chosen setting's factor to (fitted on the validation brains)")
@@ -141,7 +149,8 @@ def calibrate(runs, key: str, command: str, date: str) -> tuple[str, dict] | Non
     dc = info.get("data_consistency") or {}
     return info["weights"]["File"], {
         "factor": round(c, 4), "dc_strength": dc.get("strength", 0.0), "dc_crlb_factor": dc.get("crlb_factor", 0.0),
-        **{k: info.get(k) for k in ("n_samples", "network_evaluations_per_sample", "sampler", "symmetry", "start_timestep")},
+        **{k: info.get(k) for k in ("n_samples", "network_evaluations_per_sample", "sampler", "symmetry", "start_timestep",
+                                    "dc_anneal")},
         "fitted_on": f"validation half of the robustness suite (seed {SPLIT_SEEDS['validation']}), {len(samples)} brain "
                      "scene(s), every protocol", "before": uncertainty_scores(samples), "after": uncertainty_scores(samples, c),
         "command": command, "date": date}
@@ -168,7 +177,7 @@ def main(argv=None):
     priors = [s.key for s in specs if s.key.startswith("prior_")]
     allp = table["all"]
     best = min(priors, key=lambda k: (-allp[k]["plates"]["n_meet"], allp[k]["plates"]["mean_det"],
-                                      next(t for t0, t in settings if k == f"prior_{t0}_{t}")))
+                                      next(st[1] for st in settings if k == setting_key(*st))))
     shipped = [p for p in protocols if not table[p]["diffusor"]["note"]]
     sel = [r for r in runs if protocol_of(r.scene) in shipped]
     p_best, p_default = plate_summary(sel, best), plate_summary(sel, "diffusor")

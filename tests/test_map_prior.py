@@ -222,3 +222,32 @@ def test_train_prior_config_through_monai_bundle(tmp_path):
     assert card["map_prior"] is True and card["n_images"] == 0 and "protocol" not in card
     state = torch.load(root / "models" / "model_prior.pt", weights_only=True)
     assert state["conv_in.conv.weight"].shape[1] == 3
+
+
+def test_annealed_data_consistency_strength_follows_the_noise_level():
+    """dc_anneal lambda: the step at timestep t gets w_t = sqrt(w^2 + lambda^2 (1 - abar_t) / abar_t); the
+    last step (t = 0) almost w itself; lambda 0 passes no per-step strength (the step's own w)."""
+    sch = ddpm_scheduler(prediction_type="sample")
+    abar = sch.alphas_cumprod.double()
+
+    class Recorder:
+        strength, tis = 0.05, (0.1, 0.5, 1.0)
+
+        def __init__(self):
+            self.seen = []
+
+        def __call__(self, x0, images, sigma, strength=None):
+            self.seen.append(strength)
+            return x0
+
+    for lam in (0.0, 2.0):
+        dc = Recorder()
+        inf = EnsembleDDPMInferer(sch, n_samples=1, steps=4, seed=0, data_consistency=dc, dc_anneal=lam)
+        inf(torch.rand(1, 3, 4, 4), lambda x, timesteps: torch.zeros_like(x[:, :3]), sigma=0.01)
+        ts = logsnr_timesteps(sch.alphas_cumprod, 4)
+        if lam == 0:
+            assert dc.seen == [None] * len(ts)
+        else:
+            want = [np.sqrt(0.05**2 + lam**2 * float((1 - abar[t]) / abar[t])) for t in ts]
+            np.testing.assert_allclose(dc.seen, want, rtol=1e-6)
+            assert dc.seen[0] > 100 and dc.seen[-1] == pytest.approx(0.05, rel=0.1)

@@ -195,7 +195,8 @@ def run_info(method: str, network, inferer=None, fit_condition: bool = False) ->
         return {"n_samples": inf.n_samples, "sampler": inf.sampler,
                 "network_evaluations_per_sample": inf.network_evaluations, "fit_condition": bool(fit_condition),
                 "fit_residual": bool(getattr(inf, "residual", False)), "map_prior": bool(getattr(inf, "map_prior", False)),
-                "start_timestep": getattr(inf, "start_timestep", None), "seed": inf.seed, "symmetry": inf.symmetry,
+                "start_timestep": getattr(inf, "start_timestep", None), "dc_anneal": getattr(inf, "dc_anneal", 0.0),
+                "seed": inf.seed, "symmetry": inf.symmetry,
                 "data_consistency": dc.describe() if dc is not None else {"strength": 0.0}}
     if method == "rim":
         return {"n_steps": network.n_steps, "likelihood": network.noise}
@@ -273,7 +274,9 @@ def noise_level(method: str, data: np.ndarray, sigma: float | None = None, noise
 
 STD_CALIBRATION_FILE = "std_calibration.json"
 _CALIBRATION_SETTINGS = ("dc_strength", "dc_crlb_factor", "n_samples", "network_evaluations_per_sample", "sampler",
-                         "symmetry", "start_timestep")
+                         "symmetry", "start_timestep", "dc_anneal")
+#: what a setting was before it could be chosen (entries and runs that do not name it)
+_CALIBRATION_DEFAULTS = {"dc_crlb_factor": 0.0, "start_timestep": None, "dc_anneal": 0.0}
 
 
 def std_calibration(weights_path, info: dict) -> tuple[float, dict]:
@@ -301,8 +304,8 @@ def std_calibration(weights_path, info: dict) -> tuple[float, dict]:
         raise InputError(f"{path}: the factor of {name} must be a positive number, got {factor!r}")
     dc = info.get("data_consistency") or {}
     run = {"dc_strength": dc.get("strength", 0.0), "dc_crlb_factor": dc.get("crlb_factor", 0.0),
-           **{k: info.get(k) for k in _CALIBRATION_SETTINGS[2:]}}
-    entry = {"dc_crlb_factor": 0.0, "start_timestep": None, **entry}  # older entries: no CRLB bound, start from noise
+           **{k: info.get(k, _CALIBRATION_DEFAULTS.get(k)) for k in _CALIBRATION_SETTINGS[2:]}}
+    entry = {**_CALIBRATION_DEFAULTS, **entry}  # older entries: no CRLB bound, start from noise, constant strength
     differ = [k for k in _CALIBRATION_SETTINGS if entry.get(k) != run[k]]
     if differ:
         return 1.0, {"factor": 1.0, "note": "uncalibrated: fitted with other settings (" + ", ".join(
@@ -516,7 +519,7 @@ def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, met
                            sampler: str | None = None, device: str = "cpu", progress: bool = True, sigma=None,
                            seed: int | None = None, symmetry: str | None = None, variant: str | None = None,
                            dc: float | None = None, dc_crlb: float | None = None, noise: str = "rician",
-                           n_coils: int = 1, start_timestep: int | None = None, **_):
+                           n_coils: int = 1, start_timestep: int | None = None, dc_anneal: float | None = None, **_):
     """Map every slice of a series with a trained bundle; returns a :class:`custom_components.mapping.MappingResult`.
 
     ``seed``: the Diffusor's seed of the ensemble's initial noise (None: the bundle's, 0, so
@@ -536,7 +539,9 @@ def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, met
     0: off; None: the bundle's default), ``dc_crlb`` its CRLB bound (None: the bundle's default), with the
     noise model ``noise``/``n_coils`` (as for the fit). ``start_timestep``: a map prior's start from the
     classical fit noised to that DDPM timestep (-1: from pure noise; None: the bundle's
-    ``prior_start_timestep``); weights other than a map prior always start from pure noise."""
+    ``prior_start_timestep``); weights other than a map prior always start from pure noise. ``dc_anneal``: the
+    data-consistency strength's schedule over the sampler's steps (0: constant; None: the bundle's,
+    ``prior_dc_anneal`` for a map prior; :class:`custom_components.methods.inferers.EnsembleDDPMInferer`)."""
     from ..methods.fitting import signal_mask
     from .results import MappingResult
 
@@ -547,8 +552,10 @@ def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, met
                 or not -1 <= int(start_timestep) < 1000:
             raise InputError(f"--start_timestep must be an integer in -1..999 (-1: pure noise), got {start_timestep!r}")
         overrides["prior_start_timestep"] = None if int(start_timestep) < 0 else int(start_timestep)
+    if dc_anneal is not None:
+        overrides["dc_anneal"] = nonnegative_number(dc_anneal, "--dc_anneal")
     if method != "diffusor" and (overrides or dc is not None or dc_crlb is not None):
-        raise InputError(f"--samples/--steps/--sampler/--seed/--symmetry/--start_timestep/--dc/--dc_crlb apply to the "
+        raise InputError(f"--samples/--steps/--sampler/--seed/--symmetry/--start_timestep/--dc_anneal/--dc/--dc_crlb apply to the "
                          f"diffusor only, not to {method}")
     from ..methods.inferers import SAMPLERS, SYMMETRIES
 

@@ -210,11 +210,12 @@ class DataConsistency:
             return y
         return y * bessel_ratio(self.n_coils, y * mu / sigma.clamp_min(1e-12) ** 2)
 
-    def _prior_precision(self, a_ref: torch.Tensor, fisher=None):
+    def _prior_precision(self, a_ref: torch.Tensor, fisher=None, strength: float | None = None):
         """The prior's precisions of (a, c, u) in units of sigma: 1/delta^2 with delta = (w a', 2 w a', w),
         a' = max(|PD|, sigma) / sigma, and w widened to max(w, k min(r, r_max)) by the CRLB bound, r from
-        ``fisher`` = the six entries of J'J (in units of sigma) at the estimate (module doc)."""
-        w = torch.full_like(a_ref, self.strength)
+        ``fisher`` = the six entries of J'J (in units of sigma) at the estimate (module doc); ``strength``: w
+        for this call (None: the step's own)."""
+        w = torch.full_like(a_ref, self.strength if strength is None else float(strength))
         if self.crlb_factor > 0 and fisher is not None:
             *_, c22, det = cofactors_sym3(*fisher)
             r = torch.sqrt((c22 / det).clamp_min(0))  # sqrt([F^-1]_uu): relative CRLB of T1
@@ -232,9 +233,10 @@ class DataConsistency:
             h00, h01, h02 = (f1 * f1).sum(0), (f1 * f2).sum(0), (f1 * j2).sum(0)
         return h00, h01, h02, (f2 * f2).sum(0), (f2 * j2).sum(0), (j2 * j2).sum(0)
 
-    def prox(self, q0: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def prox(self, q0: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, strength: float | None = None) -> torch.Tensor:
         """The proximal step for voxels q0 (V, 3) = (a, c, log T1), data y (V, N), sigma (V,), computed in
-        the dtype of ``q0`` (the sampler uses float32; tests float64).
+        the dtype of ``q0`` (the sampler uses float32; tests float64); ``strength``: w for this call (None: the
+        step's own; an annealed sampler passes one per step).
 
         Magnitude data carry no sign: the signed data are y with the polarity of the signal at the current
         estimate. A network that is far off in T1 puts the signal's null at the wrong inversion time, and
@@ -249,7 +251,7 @@ class DataConsistency:
         basis = self._basis(u0)
         f1, f2, d1, d2 = basis
         prec = self._prior_precision(a_ref, self._fisher(f1, f2, self._ds_du(a0, d1, c0, d2))
-                                     if self.crlb_factor > 0 else None)
+                                     if self.crlb_factor > 0 else None, strength)
         ys = (y / sig).T.contiguous()  # (N, V)
         a, c, u, used, now = self._gauss_newton(a0, c0, u0, (a0, c0, u0), prec, ys, basis)
         for _ in range(self.polarity_rounds):
@@ -304,10 +306,12 @@ class DataConsistency:
 
     # ------------------------------------------------------------------ network space
     @torch.no_grad()
-    def __call__(self, x0: torch.Tensor, images: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    def __call__(self, x0: torch.Tensor, images: torch.Tensor, sigma: torch.Tensor | float,
+                 strength: float | None = None) -> torch.Tensor:
         """x0 (M, 3, H, W) in network space (labels of the scaled images), images (M, N, H, W) divided
-        by the signal scale, sigma (M,) or a number in the same units -> the corrected x0."""
-        if self.strength == 0:
+        by the signal scale, sigma (M,) or a number in the same units -> the corrected x0; ``strength``:
+        w for this call (None: the step's own)."""
+        if (self.strength if strength is None else strength) == 0:
             return x0
         from .scaling import decode_maps, encode_maps
 
@@ -325,7 +329,7 @@ class DataConsistency:
         maps = decode_maps(x0.permute(0, 2, 3, 1)[active].to(self.dtype)[:, :, None, None], 1.0)[:, :, 0, 0]
         t1, pd, b = maps.unbind(1)  # T1 s, PD (scaled images' units), B
         q0 = torch.stack([pd, pd * b, torch.log(t1.clamp(float(np.exp(LOG_T1_BOUNDS[0])), float(np.exp(LOG_T1_BOUNDS[1]))))], dim=1)
-        q = self.prox(q0, y.permute(0, 2, 3, 1)[active], sig_map[active])
+        q = self.prox(q0, y.permute(0, 2, 3, 1)[active], sig_map[active], strength)
         a = q[:, 0].clamp_min(1e-12)
         new = torch.stack([torch.exp(q[:, 2]), a, (q[:, 1] / a).clamp(0.0, 4.0)], dim=1)
         out = x0.permute(0, 2, 3, 1).clone()

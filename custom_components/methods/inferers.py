@@ -119,10 +119,10 @@ def logsnr_timesteps(alphas_cumprod: torch.Tensor, steps: int, t_max: int | None
 def ddim_sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T: torch.Tensor,
                 alphas_cumprod: torch.Tensor, steps: int, prediction_type: str = "epsilon", eta: float = 0.0,
                 clip: float | None = 1.0, generator: torch.Generator | None = None, progress: bool = False,
-                x0_hook: Callable[[torch.Tensor], torch.Tensor] | None = None, t_max: int | None = None) -> torch.Tensor:
+                x0_hook: Callable[[torch.Tensor, int], torch.Tensor] | None = None, t_max: int | None = None) -> torch.Tensor:
     """DDIM from x_T with ``steps`` network evaluations (see module doc). ``model(x_t, t)`` -> output.
-    ``x0_hook``: applied to every step's x0 estimate after the clip (data-consistency), before eps is
-    re-derived from it. ``t_max``: the timestep of ``x_T`` (None: T-1, pure noise)."""
+    ``x0_hook(x0, t)``: applied to every step's x0 estimate (at timestep t) after the clip
+    (data-consistency), before eps is re-derived from it. ``t_max``: the timestep of ``x_T`` (None: T-1, pure noise)."""
     abar = alphas_cumprod.to(device=x_T.device, dtype=torch.float64)
     ts = ddim_timesteps(len(abar), steps, t_max)
     x = x_T
@@ -138,7 +138,7 @@ def ddim_sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T
         if clip is not None:
             x0 = x0.clamp(-clip, clip)
         if x0_hook is not None:
-            x0 = x0_hook(x0)
+            x0 = x0_hook(x0, t)
         if clip is not None or x0_hook is not None:
             eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
         a_s = abar[int(ts[i + 1])].to(x.dtype) if i + 1 < len(ts) else torch.ones((), dtype=x.dtype, device=x.device)
@@ -152,8 +152,8 @@ def ddim_sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T
 def dpmpp2m_sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T: torch.Tensor,
                    alphas_cumprod: torch.Tensor, steps: int, prediction_type: str = "epsilon",
                    clip: float | None = 1.0, progress: bool = False,
-                   x0_hook: Callable[[torch.Tensor], torch.Tensor] | None = None, t_max: int | None = None) -> torch.Tensor:
-    """DPM-Solver++(2M) on a log-SNR grid, ``steps`` network evaluations (see module doc); ``x0_hook``
+                   x0_hook: Callable[[torch.Tensor, int], torch.Tensor] | None = None, t_max: int | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M) on a log-SNR grid, ``steps`` network evaluations (see module doc); ``x0_hook(x0, t)``
     is applied to every step's x0 estimate after the clip (data-consistency), the last one included.
     ``t_max``: the timestep of ``x_T`` (None: T-1, pure noise)."""
     abar = alphas_cumprod.to(device=x_T.device, dtype=torch.float64)
@@ -173,7 +173,7 @@ def dpmpp2m_sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
         if clip is not None:
             x0 = x0.clamp(-clip, clip)
         if x0_hook is not None:
-            x0 = x0_hook(x0)
+            x0 = x0_hook(x0, t)
         if i + 1 == len(ts):
             return x0
         s = int(ts[i + 1])
@@ -190,9 +190,9 @@ def dpmpp2m_sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
 
 def ddpm_sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T: torch.Tensor, scheduler: DDPMScheduler,
                 clip: float | None = 1.0, generator: torch.Generator | None = None, progress: bool = False,
-                x0_hook: Callable[[torch.Tensor], torch.Tensor] | None = None, t_max: int | None = None) -> torch.Tensor:
+                x0_hook: Callable[[torch.Tensor, int], torch.Tensor] | None = None, t_max: int | None = None) -> torch.Tensor:
     """The full ancestral DDPM chain (T network evaluations, or t_max + 1 from ``x_T`` at timestep
-    ``t_max``), x0 clipped to [-clip, clip] at each step, then passed through ``x0_hook``
+    ``t_max``), x0 clipped to [-clip, clip] at each step, then passed through ``x0_hook(x0, t)``
     (data-consistency) before the posterior mean is formed."""
     abar = scheduler.alphas_cumprod.to(x_T.device)
     betas = scheduler.betas.to(x_T.device)
@@ -210,7 +210,7 @@ def ddpm_sample(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T
         if clip is not None:
             x0 = x0.clamp(-clip, clip)
         if x0_hook is not None:
-            x0 = x0_hook(x0)
+            x0 = x0_hook(x0, t)
         a_prev = abar[t - 1].to(x.dtype) if t > 0 else torch.ones((), dtype=x.dtype, device=x.device)
         # posterior q(x_{t-1} | x_t, x0) (Ho et al. eq. 7)
         c0 = a_prev.sqrt() * betas[t] / (1 - a_t)
@@ -309,6 +309,12 @@ class EnsembleDDPMInferer(Inferer):
             (N + 3 channels): the images reach the samples only through ``data_consistency`` (the
             exact likelihood of *their* protocol), and the last 3 channels (network space: the
             classical fit) are where the sampler starts when ``start_timestep`` is set.
+        dc_anneal: lambda >= 0: the data-consistency strength follows the noise level of each step,
+            w_t = sqrt(w^2 + (lambda sigma_t / alpha_t)^2) with sigma_t / alpha_t = sqrt((1 - abar_t) / abar_t)
+            the noise-to-signal ratio of x_t and w the step's own ``strength`` (its value at t = 0): early
+            steps, whose estimate is a guess, give way to the images; late ones keep the denoised estimate,
+            which already carries the images through x_t (the rho_t of DiffPIR, Zhu et al. 2023). 0
+            (default): w at every step.
         start_timestep: None (default): every sample starts from pure noise at t = T-1. An integer
             t0 < T: it starts from the last 3 input channels noised to t0,
             x_t0 = sqrt(abar_t0) x_start + sqrt(1 - abar_t0) eps (SDEdit, Meng et al. 2022; with the
@@ -320,8 +326,10 @@ class EnsembleDDPMInferer(Inferer):
                  eta: float = 0.0, clip: float | None = 1.0, max_batch: int | None = None, seed: int | None = 0,
                  autocast_dtype: torch.dtype | str | None = None, progress: bool = False, pad_multiple: int = 4,
                  residual: bool = False, symmetry: str = "none", data_consistency=None, map_prior: bool = False,
-                 start_timestep: int | None = None):
+                 start_timestep: int | None = None, dc_anneal: float = 0.0):
         super().__init__()
+        if not np.isfinite(dc_anneal) or dc_anneal < 0:
+            raise ValueError(f"dc_anneal must be a number >= 0, got {dc_anneal!r}")
         if map_prior and residual:
             raise ValueError("a map prior has no fit in its condition, so it cannot be residual")
         if start_timestep is not None and not 0 <= int(start_timestep) < scheduler.num_train_timesteps:
@@ -348,6 +356,7 @@ class EnsembleDDPMInferer(Inferer):
         self.data_consistency = data_consistency
         self.map_prior = bool(map_prior)
         self.start_timestep = None if start_timestep is None else int(start_timestep)
+        self.dc_anneal = float(dc_anneal)
 
     @property
     def network_evaluations(self) -> int:
@@ -382,11 +391,17 @@ class EnsembleDDPMInferer(Inferer):
         fit = cond[:, -3:] if self.residual else None
         clip = self.clip
 
-        def hook(x0):
+        abar = self.scheduler.alphas_cumprod.to(torch.float64)
+
+        def hook(x0, t):
             full = x0 if fit is None else x0 + fit
             if clip is not None:
                 full = full.clamp(-clip, clip)
-            full = dc(full, images, sigma)
+            w = None
+            if self.dc_anneal > 0:
+                nsr2 = float((1 - abar[int(t)]) / abar[int(t)])
+                w = float(np.sqrt(dc.strength**2 + self.dc_anneal**2 * nsr2))
+            full = dc(full, images, sigma, strength=w)
             if clip is not None:
                 full = full.clamp(-clip, clip)
             return full if fit is None else full - fit
