@@ -178,7 +178,11 @@ def main(argv=None):
     allp = table["all"]
     best = min(priors, key=lambda k: (-allp[k]["plates"]["n_meet"], allp[k]["plates"]["mean_det"],
                                       next(st[1] for st in settings if k == setting_key(*st))))
-    shipped = [p for p in protocols if not table[p]["diffusor"]["note"]]
+    def specific(r) -> bool:  # the default ran with protocol-specific weights (not a map prior)
+        res = r.results.get("diffusor")
+        return res is not None and not ((res.info.get("weights") or {}).get("Card") or {}).get("map_prior", False)
+
+    shipped = [p for p in protocols if any(protocol_of(r.scene) == p and specific(r) for r in runs)]
     sel = [r for r in runs if protocol_of(r.scene) in shipped]
     p_best, p_default = plate_summary(sel, best), plate_summary(sel, "diffusor")
     becomes_default = bool(p_best["n_meet"] >= p_default["n_meet"] and p_best["median_std_ratio"] < 1)

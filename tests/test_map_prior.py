@@ -174,9 +174,9 @@ def _tiny_prior_bundle(root: Path) -> Path:
 
 
 def test_prior_weights_map_a_protocol_without_its_own_weights(tmp_path):
-    """`qmri map --method diffusor` with only a prior in the bundle maps the in-vivo 9-TI protocol (no
-    protocol-specific weights exist for it), the sidecars name the prior's weights, and the maps are
-    finite; --variant prior chooses it, --start_timestep is checked."""
+    """With only a prior in the bundle, `qmri map --method diffusor` refuses the in-vivo 9-TI protocol
+    unasked (the prior is experimental) and maps it with --variant prior: the sidecars name the prior's
+    weights and its settings, the maps are finite, --start_timestep is checked."""
     import nibabel as nib
 
     from custom_components.cli import main
@@ -185,15 +185,19 @@ def test_prior_weights_map_a_protocol_without_its_own_weights(tmp_path):
     from custom_components.mapping.learned import choose_weights
     from custom_components.physics.protocol import get_protocol
 
+    from custom_components.io import InputError
+
     root = _tiny_prior_bundle(tmp_path / "bundle")
     proto = get_protocol("invivo9")
-    path, why = choose_weights(root, "diffusor", proto)
+    with pytest.raises(InputError, match="or --variant prior \\(experimental"):  # never chosen unasked
+        choose_weights(root, "diffusor", proto)
+    path, why = choose_weights(root, "diffusor", proto, variant="prior")
     assert path.name == "model_prior.pt" and "any protocol" in why
-    assert choose_weights(root, "diffusor", proto, variant="prior")[0] == path
     tw = nist_twin(proto, snr=50, effects=Effects(echo_train=False), matrix=(32, 32))
     save_series(tmp_path / "s.nii.gz", tw["image"].transpose(1, 2, 0)[:, :, None, :], np.eye(4), proto)
     assert main(["map", str(tmp_path / "s.nii.gz"), "--out", str(tmp_path / "m"), "--method", "diffusor",
-                 "--bundle", str(root), "--samples", "2", "--steps", "2", "--start_timestep", "300", "--quiet"]) == 0
+                 "--bundle", str(root), "--variant", "prior", "--samples", "2", "--steps", "2", "--start_timestep", "300",
+                 "--quiet"]) == 0
     side = json.loads((tmp_path / "m" / "T1map.json").read_text())
     fit = side["Fit"]
     assert fit["map_prior"] is True and fit["start_timestep"] == 300 and fit["network_evaluations_per_sample"] <= 2
@@ -201,7 +205,7 @@ def test_prior_weights_map_a_protocol_without_its_own_weights(tmp_path):
     assert side["DataConsistency"]["model"] == "finite TR with the echo train's readout"  # physical labels
     assert np.isfinite(nib.load(tmp_path / "m" / "T1map.nii.gz").get_fdata()).all()
     assert main(["map", str(tmp_path / "s.nii.gz"), "--out", str(tmp_path / "m2"), "--method", "diffusor",
-                 "--bundle", str(root), "--start_timestep", "1000", "--quiet"]) == 2
+                 "--bundle", str(root), "--variant", "prior", "--start_timestep", "1000", "--quiet"]) == 2
     assert not (tmp_path / "m2").exists()
 
 

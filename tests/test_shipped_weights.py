@@ -63,7 +63,7 @@ def test_the_papers_images_only_model_is_one_flag_away(tmp_path, capsys):
     assert main(["map", str(vtr), "--out", str(tmp_path / "x"), "--method", "diffusor", "--variant", "images", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "no diffusor (images only) weights" in err and err.count("\n") == 1 and not (tmp_path / "x").exists(), err
-    for args, msg in ((["--method", "diffusor", "--variant", "best"], "--variant must be one of images, fit"),
+    for args, msg in ((["--method", "diffusor", "--variant", "best"], "--variant must be one of images, fit, prior"),
                       (["--method", "resnet", "--variant", "images"], "--variant applies to the diffusor only"),
                       (["--method", "diffusor", "--variant", "fit", "--weights", str(MODELS / "model_fitcond_nist15.pt")],
                        "cannot go with --weights")):
@@ -74,15 +74,20 @@ def test_the_papers_images_only_model_is_one_flag_away(tmp_path, capsys):
 
 
 def test_an_unknown_protocol_is_refused_with_one_line_naming_the_shipped_weights(tmp_path, capsys):
+    """TR 5 s: no protocol-specific weights fit; one line names the shipped weights and the experimental
+    prior over maps, which maps it only when asked for (--variant prior, 0.9.0)."""
     src = _series_file(tmp_path / "in.nii.gz", get_protocol("paper").with_(repetition_time_s=5.0))
     capsys.readouterr()
     assert main(["map", str(src), "--out", str(tmp_path / "m"), "--method", "diffusor", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("qmri: error: no diffusor weights") and err.count("\n") == 1
     for name in ("model.pt", "model_fitcond.pt", "model_fitcond_nist15.pt", "model_fitcond_nist15_variable_tr.pt",
-                 "model_nist15.pt"):
+                 "model_nist15.pt", "model_prior.pt", "--variant prior (experimental"):
         assert name in err
     assert "TR 5.0 s" in err and not (tmp_path / "m").exists()
+    assert main(["map", str(src), "--out", str(tmp_path / "p"), "--method", "diffusor", "--variant", "prior", *FAST]) == 0
+    w = _weights(tmp_path / "p")
+    assert w["File"] == "model_prior.pt" and w["Card"]["map_prior"] is True
 
 
 def test_resnet_and_rim_choose_by_their_cards_too():

@@ -60,7 +60,7 @@ VARIANTS = ("images", "fit", "prior")
 #: fit-conditioned model, then the fit-conditioned one, then images only (the paper's). The validation
 #: of bundles/diffusor/docs/README.md: held-out synthetic brains T1 error 8.9 (fifth stage, residual)
 #: / 13.7 (fit-conditioned, not residual) / 18.2 % (images only); twin 0.4-2 s mean error 0.7 / 3.0 / 7.7 %.
-PREFERENCE = ("fit_residual", "fit", "images", "prior")
+PREFERENCE = ("fit_residual", "fit", "images", "prior")  # "prior": only with --variant prior (experimental)
 
 
 def weights_variant(card: dict | None) -> str:
@@ -141,9 +141,12 @@ def choose_weights(bundle_dir: str | Path, method: str, protocol, variant: str |
         except (ProtocolError, ValueError, TypeError) as e:
             raise InputError(f"{path}: its card's protocol is not a protocol ({str(e).splitlines()[0]})") from None
         kind = weights_variant(card)
-        seen.append(f"{path.name} ({trained.name}" + (f", {_VARIANT_WORDS[kind]})" if method == "diffusor" else ")"))
+        seen.append(f"{path.name} (" + (_VARIANT_WORDS[kind] if kind == "prior" else trained.name + (
+            f", {_VARIANT_WORDS[kind]}" if method == "diffusor" else "")) + ")")
         if variant is not None and kind != variant and not (variant == "fit" and kind == "fit_residual"):
             continue
+        if kind == "prior" and variant != "prior":
+            continue  # experimental: less accurate than the classical fit on the validation half (docs/prior_validation.md)
         if method != "rim" and kind != "prior":
             try:
                 check_same_timing(trained, protocol)
@@ -154,7 +157,10 @@ def choose_weights(bundle_dir: str | Path, method: str, protocol, variant: str |
         which = f"{method} ({_VARIANT_WORDS[variant]})" if variant else method
         raise InputError(f"no {which} weights in {bundle_dir / 'models'} fit this input's protocol "
                          f"({_describe_protocol(protocol)}); the bundle has: {', '.join(seen) or 'none'}; "
-                         "train a model for this protocol (README.md, 'MONAI bundles') or pass --weights")
+                         "train a model for this protocol (README.md, 'MONAI bundles') or pass --weights"
+                         + ("" if variant == "prior" or not any("prior over maps" in x for x in seen) else
+                            ", or --variant prior (experimental: any protocol, less accurate than the classical fit "
+                            "on the validation half)"))
     _, _, path, kind = min(fits)
     why = (f"{'--variant ' + variant + ': ' if variant else ''}the most accurate validated {method} weights for the "
            f"input's protocol among {len(seen)} shipped" + (f" ({_VARIANT_WORDS[kind]})" if method == "diffusor" else ""))

@@ -68,8 +68,8 @@ class MethodSpec:
 
 
 def default_methods(quick: bool = False, steps: int = 10, samples: int = 10) -> list[MethodSpec]:
-    """The classical fit, the TV-regularised fit, the ResNet, the RIM and both Diffusor variants with
-    their shipped weights."""
+    """The classical fit, the TV-regularised fit, the ResNet, the RIM, both Diffusor variants with
+    their shipped weights and the Diffusor with the prior over maps (any protocol, its bundle settings)."""
     b = REPO / "bundles"
     diff = {"samples": samples, "steps": steps}
     specs = [MethodSpec("mle", "classical fit (Rician ML)", "mle"),
@@ -80,6 +80,9 @@ def default_methods(quick: bool = False, steps: int = 10, samples: int = 10) -> 
     fitcond = b / "diffusor/models/model_fitcond.pt"
     if fitcond.exists():
         specs.append(MethodSpec("diffusor_fit", "Diffusor (images + fit)", "diffusor", {**diff, "weights": str(fitcond)}))
+    if (b / "diffusor/models/model_prior.pt").exists():  # one set of weights for any protocol, at its own settings
+        specs.append(MethodSpec("diffusor_prior", "Diffusor, prior over maps (any protocol)", "diffusor",
+                                {"samples": samples, "variant": "prior"}))
     return specs
 
 
@@ -329,7 +332,8 @@ def real_scan_section(data_dir: Path, specs: list[MethodSpec]) -> str | tuple[st
         ref = reference_values(plate, 1.5, 1)["T1_s"]
         cells = []
         for s in specs:
-            if s.method not in (*CLASSICAL, "rim"):  # the fits and the physics-driven RIM map any protocol
+            if s.method not in (*CLASSICAL, "rim") and s.options.get("variant") != "prior":
+                # the fits, the physics-driven RIM and the prior over maps map any protocol
                 w = weights_for_protocol(s.method, series.protocol, fit_condition=s.key.endswith("_fit"))
                 if w is None:
                     skipped.setdefault(s.label, set()).add(_timing(series.protocol))
