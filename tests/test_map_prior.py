@@ -207,6 +207,12 @@ def test_prior_weights_map_a_protocol_without_its_own_weights(tmp_path):
     assert main(["map", str(tmp_path / "s.nii.gz"), "--out", str(tmp_path / "m2"), "--method", "diffusor",
                  "--bundle", str(root), "--variant", "prior", "--start_timestep", "1000", "--quiet"]) == 2
     assert not (tmp_path / "m2").exists()
+    # the bundle's inference.json gives networks images as their condition: it refuses a prior's weights
+    r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(root / "configs" / "inference.json"),
+                        "--bundle_root", str(root), "--ckpt_path", str(root / "models" / "model_prior.pt"),
+                        "--input_path", str(tmp_path / "s.nii.gz"), "--output_dir", str(tmp_path / "b")],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "--variant prior" in r.stdout + r.stderr and not (tmp_path / "b").exists()
 
 
 def test_train_prior_config_through_monai_bundle(tmp_path):

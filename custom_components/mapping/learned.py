@@ -167,6 +167,15 @@ def choose_weights(bundle_dir: str | Path, method: str, protocol, variant: str |
     return path, why
 
 
+def refuse_map_prior(map_prior: bool, weights) -> None:
+    """The bundle's ``inference.json`` maps with protocol-specific weights only: its transforms give a
+    network images (and the fit) as the condition, which a prior over maps does not take. Such weights
+    (experimental) map through ``qmri map --method diffusor --variant prior`` (or ``--weights``)."""
+    if map_prior:
+        raise InputError(f"{weights}: map-prior weights are mapped with `qmri map --method diffusor --variant prior` "
+                         "(or --weights), not with the bundle's inference.json")
+
+
 def sha256_of(path: str | Path) -> str:
     import hashlib
 
@@ -662,6 +671,6 @@ class NoiseSigmad:
         return d
 
 
-__all__ = ["BundleMapper", "decode_prediction", "background_sigma", "DiffusorMapper", "LEARNED_METHODS", "map_series_with_bundle", "map_series_with_diffusor", "VolumePrepareBatch", "SliceBatchInferer", "NoiseSigmad",
+__all__ = ["refuse_map_prior", "BundleMapper", "decode_prediction", "background_sigma", "DiffusorMapper", "LEARNED_METHODS", "map_series_with_bundle", "map_series_with_diffusor", "VolumePrepareBatch", "SliceBatchInferer", "NoiseSigmad",
            "VARIANTS", "PREFERENCE", "weights_variant", "shipped_weights", "choose_weights", "sha256_of", "weights_record",
            "run_info", "rim_noise_info", "data_consistency", "noise_level", "std_calibration", "calibrate_std", "with_posterior_std"]
