@@ -49,8 +49,10 @@ def signal_scale(images: torch.Tensor, mask: torch.Tensor | None = None) -> torc
 def map_scale(pd: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The signal scale of a prior over maps (``map_prior`` Diffusor weights, issue 21): the 99.5th
     percentile of PD (..., H, W) over the voxels of ``mask`` (all where None), one value per map, never
-    below a tiny positive floor. In training PD is the true map; at inference the classical fit's, over
-    the voxels with signal. Unlike :func:`signal_scale` it does not depend on the protocol (how much
+    below a tiny positive floor. In training PD is the true map over the whole slice (``PriorMapsd``, no
+    mask: the background's zeros push the percentile down the tissue's distribution); at inference the
+    classical fit's, over the voxels with signal. The two differ by that share (a few % of PD for the
+    training slices; not corrected in the shipped prior, 0.9.0). Unlike :func:`signal_scale` it does not depend on the protocol (how much
     of PD a short TR or short TIs leave in the images), so the prior's PD channel means the same for
     every protocol."""
     pd = torch.as_tensor(pd).abs().flatten(-2).float()
