@@ -30,8 +30,8 @@ import torch
 
 from custom_components.data.scenes import SPLIT_SEEDS, robustness_scenes
 from custom_components.reporting.comparison import MethodSpec, _cpu_name
-from custom_components.reporting.robustness import (calibration_factor, run_scene, target_sphere_rows, uncertainty_scores,
-                                                    uncertainty_voxels, within_bias_target)
+from custom_components.reporting.robustness import (run_scene, std_calibration_entries, target_sphere_rows,
+                                                    within_bias_target)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,30 +102,12 @@ def main():
     # the brains: the fit and the chosen strength only (calibration and tissue bias)
     runs += [run_scene(sc, [specs[0]] + [s for s in specs if s.key == key]) for sc in scenes if sc.kind == "brain"]
     summ[best] = summarise(runs, key)
-    # calibration per weights file, on the validation brains, at the chosen strength
-    by_weights, settings = {}, {}
-    for r in runs:
-        res = r.results.get(key)
-        if r.scene.kind != "brain" or res is None or "T1_std" not in res.maps:
-            continue
-        wfile = res.info["weights"]["File"]
-        t, mu, sd = uncertainty_voxels(r.scene, res.maps)
-        applied = (res.info.get("std_calibration") or {}).get("factor", 1.0)  # fit on the uncalibrated std
-        by_weights.setdefault(wfile, []).append((t, mu, sd / applied))
-        settings[wfile] = {k: res.info.get(k) for k in ("n_samples", "network_evaluations_per_sample", "sampler", "symmetry")}
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = (f"python scripts/dc_validation.py --out {a.out} --plates {a.plates} --brains {a.brains} "
            f"--strengths {a.strengths}" + (f" --plate_indices {a.plate_indices}" if a.plate_indices else "")
            + (f" --weights {a.weights}" if a.weights else "")
            + (f" --protocols {a.protocols}" if a.protocols != "paper,nist15" else ""))
-    calib = {}
-    for wfile, samples in by_weights.items():
-        c = calibration_factor(samples)
-        calib[wfile] = {"factor": round(c, 4), "dc_strength": best_w, "dc_crlb_factor": best_k, **settings[wfile],
-                        "fitted_on": f"validation half of the robustness suite (seed {SPLIT_SEEDS['validation']}), "
-                                     f"{len(samples)} brain scene(s)",
-                        "before": uncertainty_scores(samples), "after": uncertainty_scores(samples, c),
-                        "command": cmd, "date": date}
+    calib = std_calibration_entries(runs, key, cmd, date)  # per weights file, validation brains, chosen strength
     machine = f"{_cpu_name()}, {platform.machine()}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads"
     md = ["# Choosing the Diffusor's data-consistency strength (validation half only)", "",
           f"Command: `{cmd}`, {date}, {machine}; {(time.perf_counter() - t0) / 60:.1f} min. Scenes: the validation "

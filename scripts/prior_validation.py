@@ -32,9 +32,8 @@ import torch
 
 from custom_components.data.scenes import SPLIT_SEEDS
 from custom_components.reporting.comparison import MethodSpec, _cpu_name
-from custom_components.reporting.robustness import (BRAIN_TISSUES, calibration_factor, target_sphere_rows,
-                                                    uncertainty_scores, uncertainty_voxels, validation_runs,
-                                                    within_bias_target)
+from custom_components.reporting.robustness import (BRAIN_TISSUES, std_calibration_entries, target_sphere_rows,
+                                                    validation_runs, within_bias_target)
 
 
 def parse_settings(text: str) -> list[tuple[int, int, float, float]]:
@@ -131,31 +130,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def calibrate(runs, key: str, command: str, date: str) -> tuple[str, dict] | None:
-    """The std calibration entry of the weights that ``key`` ran with, fitted on the validation brains
-    (the factor c that makes the 1-std coverage of the T1 error 68 %), or None without brains."""
-    samples, info = [], None
-    for r in runs:
-        res = r.results.get(key)
-        if r.scene.kind != "brain" or res is None or "T1_std" not in res.maps:
-            continue
-        t, mu, sd = uncertainty_voxels(r.scene, res.maps)
-        applied = (res.info.get("std_calibration") or {}).get("factor", 1.0)  # fit on the uncalibrated std
-        samples.append((t, mu, sd / applied))
-        info = res.info
-    if not samples:
-        return None
-    c = calibration_factor(samples)
-    dc = info.get("data_consistency") or {}
-    return info["weights"]["File"], {
-        "factor": round(c, 4), "dc_strength": dc.get("strength", 0.0), "dc_crlb_factor": dc.get("crlb_factor", 0.0),
-        **{k: info.get(k) for k in ("n_samples", "network_evaluations_per_sample", "sampler", "symmetry", "start_timestep",
-                                    "dc_anneal")},
-        "fitted_on": f"validation half of the robustness suite (seed {SPLIT_SEEDS['validation']}), {len(samples)} brain "
-                     "scene(s), every protocol", "before": uncertainty_scores(samples), "after": uncertainty_scores(samples, c),
-        "command": command, "date": date}
-
-
 def _f(x, fmt="{:.1f}"):
     return "n/a" if x is None or not np.isfinite(x) else fmt.format(x)
 
@@ -189,7 +163,7 @@ def main(argv=None):
     command = (f"python scripts/prior_validation.py --weights {a.weights} --out {a.out} --plates {a.plates} "
                f"--brains {a.brains} --protocols {a.protocols} --settings={a.settings} --samples {a.samples}"
                + (f" --calibration_out {a.calibration_out}" if a.calibration_out else ""))
-    calib = calibrate(runs, best, command, when)
+    calib = next(iter(std_calibration_entries(runs, best, command, when).items()), None)
     md = ["# The Diffusor with a prior over maps, on the validation half of the robustness suite", "",
           f"Command: `{command}`, {when}, "
           f"{_cpu_name()}, {platform.machine()}, {torch.get_num_threads()} torch threads; "

@@ -160,3 +160,35 @@ def test_robustness_cli_mle_one_plate_one_brain(tmp_path):
     assert {r["roi"] for r in brains[0]["rois"]["mle"]} >= {"WM", "GM", "CSF"}
     assert (out / "figures" / "robustness_validation_bias.png").exists()
     assert not any(p.name.startswith(".robustness-") for p in out.iterdir())
+
+
+def test_std_calibration_entries_undo_the_applied_factor_and_record_the_run_settings():
+    """Errors N(0, 0.1) with a reported std of 0.1 that already carries a factor 2 (uncalibrated std 0.05):
+    the entry's factor is the one that makes the uncalibrated std cover 68 %, about 2 (Monte Carlo,
+    4000 voxels: 2 +- 0.1); the settings come from the run's info, one entry per weights file."""
+    from types import SimpleNamespace
+
+    from custom_components.mapping.learned import CALIBRATION_SETTINGS
+    from custom_components.reporting.comparison import Result
+
+    rng = np.random.default_rng(0)
+    roi = np.ones((40, 50), bool)
+    scene = SimpleNamespace(kind="brain", rois={"WM": roi}, truth=np.ones((3, 40, 50)), mask=roi)
+    info = {"weights": {"File": "model_x.pt"}, "data_consistency": {"strength": 0.2, "crlb_factor": 0.0},
+            "n_samples": 10, "network_evaluations_per_sample": 5, "sampler": "dpm++2m", "symmetry": "dihedral",
+            "start_timestep": 500, "dc_anneal": 0.0, "std_calibration": {"factor": 2.0}}
+    runs = []
+    for _ in range(2):
+        maps = {"T1": 1.0 + 0.1 * rng.standard_normal((40, 50)), "T1_std": np.full((40, 50), 0.1)}
+        runs.append(rb.SceneRun(scene, results={"d": Result(maps, 1.0, info)}))
+    plate = rb.SceneRun(SimpleNamespace(kind="plate"), results={"d": Result(maps, 1.0, info)})
+    entries = rb.std_calibration_entries(runs + [plate], "d", "cmd", "today")
+    assert list(entries) == ["model_x.pt"]
+    e = entries["model_x.pt"]
+    assert e["factor"] == pytest.approx(2.0, abs=0.1)
+    assert e["after"]["coverage_1"] == pytest.approx(0.6827, abs=0.01) and e["after"]["n"] == 4000
+    assert e["before"]["coverage_1"] == pytest.approx(0.383, abs=0.03)  # |e| <= sigma / 2
+    assert {k: e[k] for k in CALIBRATION_SETTINGS} == {"dc_strength": 0.2, "dc_crlb_factor": 0.0, "n_samples": 10,
+                                                       "network_evaluations_per_sample": 5, "sampler": "dpm++2m",
+                                                       "symmetry": "dihedral", "start_timestep": 500, "dc_anneal": 0.0}
+    assert "2 brain scene(s)" in e["fitted_on"] and e["command"] == "cmd" and e["date"] == "today"

@@ -288,10 +288,11 @@ def noise_level(method: str, data: np.ndarray, sigma: float | None = None, noise
 
 
 STD_CALIBRATION_FILE = "std_calibration.json"
-_CALIBRATION_SETTINGS = ("dc_strength", "dc_crlb_factor", "n_samples", "network_evaluations_per_sample", "sampler",
+#: the settings a std calibration entry was fitted with, and must match (:func:`std_calibration`)
+CALIBRATION_SETTINGS = ("dc_strength", "dc_crlb_factor", "n_samples", "network_evaluations_per_sample", "sampler",
                          "symmetry", "start_timestep", "dc_anneal")
 #: what a setting was before it could be chosen (entries and runs that do not name it)
-_CALIBRATION_DEFAULTS = {"dc_crlb_factor": 0.0, "start_timestep": None, "dc_anneal": 0.0}
+CALIBRATION_DEFAULTS = {"dc_crlb_factor": 0.0, "start_timestep": None, "dc_anneal": 0.0}
 
 
 def std_calibration(weights_path, info: dict) -> tuple[float, dict]:
@@ -319,9 +320,9 @@ def std_calibration(weights_path, info: dict) -> tuple[float, dict]:
         raise InputError(f"{path}: the factor of {name} must be a positive number, got {factor!r}")
     dc = info.get("data_consistency") or {}
     run = {"dc_strength": dc.get("strength", 0.0), "dc_crlb_factor": dc.get("crlb_factor", 0.0),
-           **{k: info.get(k, _CALIBRATION_DEFAULTS.get(k)) for k in _CALIBRATION_SETTINGS[2:]}}
-    entry = {**_CALIBRATION_DEFAULTS, **entry}  # older entries: no CRLB bound, start from noise, constant strength
-    differ = [k for k in _CALIBRATION_SETTINGS if entry.get(k) != run[k]]
+           **{k: info.get(k, CALIBRATION_DEFAULTS.get(k)) for k in CALIBRATION_SETTINGS[2:]}}
+    entry = {**CALIBRATION_DEFAULTS, **entry}  # older entries: no CRLB bound, start from noise, constant strength
+    differ = [k for k in CALIBRATION_SETTINGS if entry.get(k) != run[k]]
     if differ:
         return 1.0, {"factor": 1.0, "note": "uncalibrated: fitted with other settings (" + ", ".join(
             f"{k} {entry.get(k)!r} there, {run[k]!r} here" for k in differ) + ")"}

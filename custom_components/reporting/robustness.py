@@ -280,6 +280,38 @@ def uncertainty_scores(results, factor: float | None = None) -> dict:
             "spearman": rho, "spearman_oracle": oracle_spearman(sd), "n": int(t.size), "factor": c}
 
 
+def std_calibration_entries(runs, key: str, command: str, date: str) -> dict[str, dict]:
+    """The ``std_calibration.json`` entry of every weights file that method ``key`` ran with on the brain
+    scenes of ``runs`` (:class:`SceneRun`): the factor c that makes the 1-std coverage of the T1 error 68 %
+    (:func:`calibration_factor`, on the std before any calibration the run applied), the settings it was
+    fitted with (:data:`custom_components.mapping.learned.CALIBRATION_SETTINGS`, from the run's info), the
+    coverage before and after, and ``command`` / ``date``."""
+    from ..mapping.learned import CALIBRATION_SETTINGS
+
+    by_weights, infos = {}, {}
+    for r in runs:
+        res = r.results.get(key)
+        if r.scene.kind != "brain" or res is None or "T1_std" not in res.maps:
+            continue
+        wfile = res.info["weights"]["File"]
+        t, mu, sd = uncertainty_voxels(r.scene, res.maps)
+        applied = (res.info.get("std_calibration") or {}).get("factor", 1.0)  # fit on the uncalibrated std
+        by_weights.setdefault(wfile, []).append((t, mu, sd / applied))
+        infos[wfile] = res.info
+    out = {}
+    for wfile, samples in by_weights.items():
+        info = infos[wfile]
+        dc = info.get("data_consistency") or {}
+        c = calibration_factor(samples)
+        out[wfile] = {"factor": round(c, 4), "dc_strength": dc.get("strength", 0.0), "dc_crlb_factor": dc.get("crlb_factor", 0.0),
+                      **{k: info.get(k) for k in CALIBRATION_SETTINGS[2:]},
+                      "fitted_on": f"validation half of the robustness suite (seed {_split_seeds()['validation']}), "
+                                   f"{len(samples)} brain scene(s)",
+                      "before": uncertainty_scores(samples), "after": uncertainty_scores(samples, c),
+                      "command": command, "date": date}
+    return out
+
+
 # -------------------------------------------------------------------------------------- running
 @dataclass
 class SceneRun:
@@ -793,5 +825,5 @@ def _bias_figure(path: Path, runs: list[SceneRun], specs: list[MethodSpec], titl
 
 __all__ = ["METHODS", "BANDS", "CRLB_LIMIT", "NOT_DETERMINED", "method_specs", "band_of", "roi_scores", "roi_crlb",
            "effective_sigma", "determined", "target_pct", "within_bias_target", "target_sphere_rows", "target_misses", "score_scene", "uncertainty_voxels",
-           "calibration_factor", "mean_standard_error_pct", "oracle_spearman", "uncertainty_scores", "validation_runs", "SceneRun", "scene_case", "run_scene", "run_robustness",
+           "calibration_factor", "mean_standard_error_pct", "oracle_spearman", "uncertainty_scores", "std_calibration_entries", "validation_runs", "SceneRun", "scene_case", "run_scene", "run_robustness",
            "report_markdown", "report_json"]
