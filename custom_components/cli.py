@@ -177,15 +177,15 @@ class QMRI:
             bundle: bundle folder of the learned method (default bundles/<method>).
             weights: weights file; default: the most accurate validated weights of the bundle for the
                 input's protocol, chosen by their cards (diffusor: fit-conditioned residual, then
-                fit-conditioned, then images only, then the prior over maps, which fits any protocol;
-                e.g. models/model_fitcond.pt for the paper protocol, model_fitcond_nist15.pt for nist15,
-                model_prior.pt for another protocol); no fitting weights: a one-line error. Every
+                fit-conditioned, then images only; e.g. models/model_fitcond.pt for the paper protocol,
+                model_fitcond_nist15.pt for nist15); no fitting weights: a one-line error naming the shipped
+                ones and the experimental --variant prior. Every
                 sidecar names the weights (file, sha256, card).
             variant: diffusor: "images" for the paper's images-only model (models/model.pt for the
                 paper protocol, model_nist15.pt for nist15), "fit" for fit-conditioned weights only,
                 "prior" for the prior over maps (models/model_prior.pt: any protocol, the images enter
-                through the data-consistency step only); default: the best validated weights for the
-                input's protocol, and the prior where no protocol-specific weights fit.
+                through the data-consistency step only; experimental, never chosen unasked); default: the
+                best validated weights for the input's protocol.
             bids: write OUT as a BIDS derivatives dataset (dataset_description.json, sub-<label>/anat/
                 sub-<label>_desc-<method>_T1map.nii.gz and friends with sidecars); the subject (and session)
                 label comes from the input's BIDS name or --subject/--session.
