@@ -207,6 +207,12 @@ def test_prior_weights_map_a_protocol_without_its_own_weights(tmp_path):
     assert main(["map", str(tmp_path / "s.nii.gz"), "--out", str(tmp_path / "m2"), "--method", "diffusor",
                  "--bundle", str(root), "--variant", "prior", "--start_timestep", "1000", "--quiet"]) == 2
     assert not (tmp_path / "m2").exists()
+    assert main(["map", str(tmp_path / "s.nii.gz"), "--out", str(tmp_path / "m3"), "--method", "diffusor",
+                 "--bundle", str(root), "--variant", "prior", "--dc_anneal", "-1", "--quiet"]) == 2
+    assert not (tmp_path / "m3").exists()
+    assert main(["map", str(tmp_path / "s.nii.gz"), "--out", str(tmp_path / "m4"), "--method", "mle",
+                 "--dc_anneal", "1", "--quiet"]) == 2  # the diffusor's flag only
+    assert not (tmp_path / "m4").exists()
     # the bundle's inference.json gives networks images as their condition: it refuses a prior's weights
     r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(root / "configs" / "inference.json"),
                         "--bundle_root", str(root), "--ckpt_path", str(root / "models" / "model_prior.pt"),
