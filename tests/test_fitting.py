@@ -249,3 +249,20 @@ def test_signal_mask_excludes_the_background_of_root_sum_of_squares_data(n_coils
         assert signal_mask(background, sigma).mean() > 0.1  # the fixed 5 sigma: background counted as signal
     signal = background + sigma * (noise_floor(n_coils) + 10)
     assert signal_mask(signal, sigma, n_coils=n_coils).all()
+
+
+def test_grid_values_the_protocol_cannot_see_do_not_break_the_fit():
+    """TIs of 3-5 s (a random protocol of issue 21 can have them): at the grid's shortest T1 (4 ms)
+    exp(-TI/T1) underflows to 0 at every TI, the basis is rank 1 and its R singular. The model must
+    still build, and fit a noiseless T1 = 1.5 s voxel exactly (known answer)."""
+    import warnings
+
+    from custom_components.physics.protocol import Protocol
+
+    p = Protocol(inversion_times_s=(3.0, 4.0, 5.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow on the way either
+        model = InversionRecoveryModel(p)
+    y = signal(torch.tensor([1.5, 1.0, 2.0], dtype=torch.float64), p).numpy()[None, :]
+    fit = model.fit(y)
+    assert float(fit.t1[0]) == pytest.approx(1.5, rel=1e-4) and float(fit.b[0]) == pytest.approx(2.0, rel=1e-4)

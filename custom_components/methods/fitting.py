@@ -137,7 +137,14 @@ class InversionRecoveryModel:
         f1, f2 = _basis(self.t1_grid[:, None], self.protocol)  # (G, N)
         a = np.stack([f1, f2], axis=-1)  # (G, N, 2)
         q, r = np.linalg.qr(a)  # (G, N, 2), (G, 2, 2)
+        # A grid T1 so far below the TIs that exp(-TI/T1) vanishes at every TI leaves [f1 f2] rank 1: the
+        # images cannot tell that T1 from any shorter one, and R_g is singular. Such grid values get no
+        # projection (zero energy: never chosen where another value explains any of the signal).
+        degenerate = np.abs(r[:, 1, 1]) <= 1e-7 * np.abs(r[:, 0, 0])
+        r = np.where(degenerate[:, None, None], np.eye(2), r)
+        q = np.where(degenerate[:, None, None], 0.0, q)
         rinv = np.linalg.inv(r)  # upper triangular
+        rinv = np.where(degenerate[:, None, None], 0.0, rinv)
         k1 = n + 1
         self._rinv_t = [torch.from_numpy(np.tile(rinv[:, i, j], k1).astype(np.float32)) for i, j in ((0, 0), (0, 1), (1, 1))]
         signs = np.ones((n + 1, n))
