@@ -179,12 +179,14 @@ class QMRI:
                 input's protocol, chosen by their cards (diffusor: fit-conditioned residual, then
                 fit-conditioned, then images only; e.g. models/model_fitcond.pt for the paper protocol,
                 model_fitcond_nist15.pt for nist15); no fitting weights: a one-line error naming the shipped
-                ones and the experimental --variant prior. Every
+                ones and the experimental --variant prior or crlb. Every
                 sidecar names the weights (file, sha256, card).
             variant: diffusor: "images" for the paper's images-only model (models/model.pt for the
                 paper protocol, model_nist15.pt for nist15), "fit" for fit-conditioned weights only,
                 "prior" for the prior over maps (models/model_prior.pt: any protocol, the images enter
-                through the data-consistency step only; experimental, never chosen unasked); default: the
+                through the data-consistency step only; experimental, never chosen unasked), "crlb" for
+                the model conditioned on the classical fit and its Cramér-Rao bound (models/model_crlb.pt:
+                any protocol; needs a noise level, from the background or --sigma); default: the
                 best validated weights for the input's protocol.
             bids: write OUT as a BIDS derivatives dataset (dataset_description.json, sub-<label>/anat/
                 sub-<label>_desc-<method>_T1map.nii.gz and friends with sidecars); the subject (and session)
@@ -410,7 +412,7 @@ class QMRI:
             out: folder of the report (default docs).
             split: test (default; only ever reported) or validation (may be looked at while developing).
             plates, brains: drawn plate and brain scenes, each rendered in every protocol.
-            methods: comma-separated subset of mle, tv, diffusor, diffusor_nodc, diffusor_images, diffusor_prior,
+            methods: comma-separated subset of mle, tv, diffusor, diffusor_nodc, diffusor_images, diffusor_prior, diffusor_crlb,
                 resnet, rim (default: all).
             protocols: comma-separated protocols every scene is rendered in (default paper,nist15).
             calibration: factor c applied to the Diffusor's std for the coverage (fitted on the validation

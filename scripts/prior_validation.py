@@ -1,7 +1,10 @@
-"""The Diffusor with a prior over maps (issue 21, design (a)) on the VALIDATION half of the robustness suite.
+"""A protocol-free Diffusor on the VALIDATION half of the robustness suite (issue 21): a prior over maps
+(design (a), ``map_prior`` weights) or a model conditioned on the classical fit and its CRLB (design (b),
+``crlb_condition`` weights), whichever the card beside --weights says.
 
-One set of prior weights maps every protocol: the network never saw images, and the images of each scene
-enter only through the data-consistency step's likelihood of that scene's own protocol. This script maps
+One set of weights maps every protocol: the network never saw images, and the images of each scene
+enter only through the data-consistency step's likelihood of that scene's own protocol (and, for design
+(b), through the fit and its CRLB, which the network sees). This script maps
 the validation scenes (plates 0..PLATES-1 and brains 0..BRAINS-1, each in every protocol of --protocols)
 with the classical fit, the TV-regularised fit, the shipped default Diffusor (where the bundle has weights
 for the protocol) and the prior at each setting of --settings (start timestep : sampler steps; -1 = from
@@ -13,9 +16,12 @@ The rule, written before the run (test half never looked at):
    network evaluations;
 2. the prior becomes the default of `qmri map --method diffusor` if, with that setting, on the protocols
    where the bundle has protocol-specific weights, it has at least as many of those spheres within the
-   target as the shipped default, and a median within-ROI std below the fit's.
+   target as the shipped default, and a median within-ROI std below the fit's;
+3. (added on 2026-12-05 after the prior's run, whose brains overrode rule 2, and before any run of design
+   (b)) and, on the validation brains of all protocols, a T1 NRMSE at most 1.2 times the classical fit's.
 
     python scripts/prior_validation.py --weights runs/diffusor_prior/models/model_prior.pt --out docs/prior_validation.md
+    python scripts/prior_validation.py --weights runs/diffusor_crlb/models/model_crlb.pt --out docs/crlb_validation.md --settings=-1:10:0.2:0
 """
 
 from __future__ import annotations
@@ -50,11 +56,25 @@ def setting_key(t0: int, k: int, w: float, lam: float) -> str:
     return f"prior_{t0}_{k}_{w:g}_{lam:g}"
 
 
+def weights_kind(weights: str) -> str:
+    """"prior" (a map prior) or "fit + CRLB" (design (b)), from the card beside the weights."""
+    from custom_components.bundle.training import read_weights_card
+
+    card = read_weights_card(weights) or {}
+    if card.get("map_prior") is True:
+        return "prior"
+    if card.get("crlb_condition") is True:
+        return "fit + CRLB"
+    raise SystemExit(f"{weights}: not protocol-free weights (its card says neither map_prior nor crlb_condition)")
+
+
 def method_specs(weights: str, settings: list[tuple[int, int]], samples: int) -> list[MethodSpec]:
     specs = [MethodSpec("mle", "classical fit (ML)", "mle"), MethodSpec("tv", "TV-regularised fit", "tv"),
              MethodSpec("diffusor", "Diffusor, shipped default for the protocol", "diffusor")]
+    kind = weights_kind(weights)
     for t0, k, w, lam in settings:
-        specs.append(MethodSpec(setting_key(t0, k, w, lam), f"prior, start {'noise' if t0 < 0 else f't={t0}'}, {k} steps, "
+        start = (f", start {'noise' if t0 < 0 else f't={t0}'}" if kind == "prior" else "")
+        specs.append(MethodSpec(setting_key(t0, k, w, lam), f"{kind}{start}, {k} steps, "
                                 f"DC {w:g}" + (f" annealed ({lam:g})" if lam else ""), "diffusor",
                                 {"weights": weights, "start_timestep": t0, "steps": k, "samples": samples, "dc": w,
                                  "dc_anneal": lam}))
@@ -117,7 +137,7 @@ def seconds(runs, key: str) -> float:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", required=True, help="the prior's weights (a map_prior card beside them)")
+    ap.add_argument("--weights", required=True, help="protocol-free weights (a map_prior or crlb_condition card beside them)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--plates", type=int, default=3)
     ap.add_argument("--brains", type=int, default=2)
@@ -152,19 +172,23 @@ def main(argv=None):
     allp = table["all"]
     best = min(priors, key=lambda k: (-allp[k]["plates"]["n_meet"], allp[k]["plates"]["mean_det"],
                                       next(st[1] for st in settings if k == setting_key(*st))))
-    def specific(r) -> bool:  # the default ran with protocol-specific weights (not a map prior)
+    def specific(r) -> bool:  # the default ran with protocol-specific weights (not protocol-free ones)
         res = r.results.get("diffusor")
-        return res is not None and not ((res.info.get("weights") or {}).get("Card") or {}).get("map_prior", False)
+        card = ((res.info.get("weights") or {}).get("Card") or {}) if res is not None else {}
+        return res is not None and not (card.get("map_prior", False) or card.get("crlb_condition", False))
 
     shipped = [p for p in protocols if any(protocol_of(r.scene) == p and specific(r) for r in runs)]
     sel = [r for r in runs if protocol_of(r.scene) in shipped]
     p_best, p_default = plate_summary(sel, best), plate_summary(sel, "diffusor")
-    becomes_default = bool(p_best["n_meet"] >= p_default["n_meet"] and p_best["median_std_ratio"] < 1)
+    nrmse_ratio = allp[best]["brains"]["nrmse"] / allp["mle"]["brains"]["nrmse"]
+    becomes_default = bool(p_best["n_meet"] >= p_default["n_meet"] and p_best["median_std_ratio"] < 1
+                           and nrmse_ratio <= 1.2)
+    kind = weights_kind(a.weights)
     command = (f"python scripts/prior_validation.py --weights {a.weights} --out {a.out} --plates {a.plates} "
                f"--brains {a.brains} --protocols {a.protocols} --settings={a.settings} --samples {a.samples}"
                + (f" --calibration_out {a.calibration_out}" if a.calibration_out else ""))
     calib = next(iter(std_calibration_entries(runs, best, command, when).items()), None)
-    md = ["# The Diffusor with a prior over maps, on the validation half of the robustness suite", "",
+    md = [f"# The protocol-free Diffusor ({kind}), on the validation half of the robustness suite", "",
           f"Command: `{command}`, {when}, "
           f"{_cpu_name()}, {platform.machine()}, {torch.get_num_threads()} torch threads; "
           f"{(time.perf_counter() - t_start) / 60:.1f} min. Scenes: validation plates 0-{a.plates - 1} and brains "
@@ -190,10 +214,12 @@ def main(argv=None):
     md += ["## Decision (the rule of the docstring)", "",
            f"1. Setting: `{best}` ({allp[best]['plates']['n_meet']} of {allp[best]['plates']['n_det']} determined "
            f"spheres within the target over all protocols).",
-           f"2. On the protocols with shipped protocol-specific weights ({', '.join(shipped)}): the prior "
+           f"2. On the protocols with shipped protocol-specific weights ({', '.join(shipped)}): the {kind} model "
            f"{p_best['n_meet']} of {p_best['n_det']}, the shipped default {p_default['n_meet']} of {p_default['n_det']}; "
-           f"the prior's median within-ROI std / fit's {p_best['median_std_ratio']:.2f}. "
-           f"The prior {'becomes' if becomes_default else 'does not become'} the default.", ""]
+           f"its median within-ROI std / fit's {p_best['median_std_ratio']:.2f}.",
+           f"3. Brains, all protocols: T1 NRMSE {allp[best]['brains']['nrmse']:.3f} against the fit's "
+           f"{allp['mle']['brains']['nrmse']:.3f} (ratio {nrmse_ratio:.2f}, at most 1.2 needed).",
+           f"The {kind} model {'becomes' if becomes_default else 'does not become'} the default.", ""]
     if calib is not None:
         wfile, entry = calib
         md += ["## Std calibration (validation brains, the chosen setting)", "",

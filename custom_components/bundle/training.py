@@ -154,7 +154,7 @@ def attach_gradient_clipping(trainer, network, max_norm: float | None) -> bool:
     return True
 
 
-def init_from_weights(path: str | None, *networks: torch.nn.Module, input_layout=None) -> bool:
+def init_from_weights(path: str | None, *networks: torch.nn.Module, input_layout=None, middle: str = "interpolate") -> bool:
     """Start training from trained weights (e.g. a bundle's models/model.pt): load them into each
     network (the online one and its EMA copy). A ``checkpoint_last.pt`` found later by
     :func:`attach_checkpointing` still takes precedence (it is loaded after this).
@@ -165,7 +165,11 @@ def init_from_weights(path: str | None, *networks: torch.nn.Module, input_layout
     axis is adapted by :func:`adapt_input_channels`; every other tensor must match exactly. The file's
     own layout comes from its weights card (``n_images``, ``fit_condition``); weights whose condition
     channels differ from the network's (images only against images + fit) are refused, since their
-    channels cannot be matched. Without a card the file is taken to have the network's tail."""
+    channels cannot be matched. Without a card the file is taken to have the network's tail.
+    ``middle="zeros"``: the middle channels mean something else than the file's images (the CRLB channels
+    of a protocol-free model): their weights start at zero, so the warm-started network first ignores them."""
+    if middle not in ("interpolate", "zeros"):
+        raise ValueError(f"middle must be 'interpolate' or 'zeros', got {middle!r}")
     if not path:
         return False
     from ..io import InputError
@@ -194,6 +198,8 @@ def init_from_weights(path: str | None, *networks: torch.nn.Module, input_layout
                         raise InputError(f"{path}: {name} has {value.shape[1]} input channels, not the "
                                          f"{input_layout[0]} + {card['n_images']} + {input_layout[2]} its card implies")
                     state[name] = adapt_input_channels(value, *input_layout)
+                    if middle == "zeros":
+                        state[name][:, int(input_layout[0]):int(input_layout[0]) + int(input_layout[1])] = 0
                     adapted.append(name)
             net.load_state_dict(state)
             if adapted:
@@ -290,7 +296,7 @@ def rank_summary(trainer, network: torch.nn.Module) -> dict:
 
 
 CARD_KEYS = ("method", "protocol", "n_images", "network_preset", "fit_condition", "fit_residual", "prediction_type",
-             "map_prior")
+             "map_prior", "crlb_condition")
 
 
 def weights_card_path(weights: str | os.PathLike) -> Path:
@@ -311,7 +317,7 @@ def write_weights_card(path: str | os.PathLike, **fields) -> Path:
         raise ValueError(f"unknown weights-card fields {unknown}; allowed: {list(CARD_KEYS)}")
     if "protocol" in card:
         card["protocol"] = get_protocol(card["protocol"]).to_dict()
-    for k in ("fit_condition", "fit_residual", "map_prior"):
+    for k in ("fit_condition", "fit_residual", "map_prior", "crlb_condition"):
         if k in card:
             card[k] = _as_bool(card[k])
     card = check_weights_card(card, str(path))  # what training writes, inference must accept
@@ -354,7 +360,8 @@ def check_weights_card(card, where: str = "weights card") -> dict:
 
     Schema (every key optional): ``method`` and ``prediction_type`` one of the code's own names,
     ``network_preset`` one of the presets of the networks, ``n_images`` an integer >= 3 (0 for a
-    ``map_prior``, a prior over maps that sees no images), ``fit_condition``/``fit_residual``/``map_prior``
+    ``map_prior``, a prior over maps that sees no images, and for ``crlb_condition``, a protocol-free model
+    conditioned on the fit and its CRLB), ``fit_condition``/``fit_residual``/``map_prior``/``crlb_condition``
     JSON booleans, ``protocol`` an object that
     :meth:`Protocol.from_dict` accepts whose values are numbers, lists of numbers, null or plain
     strings. No string anywhere may start with "$", "@" or "%" (:data:`CONFIG_SIGILS`): the card's
@@ -385,11 +392,11 @@ def check_weights_card(card, where: str = "weights card") -> dict:
             if v not in _card_choices(key):
                 refuse(f"{key} must be one of {list(_card_choices(key))}, got {v[:40]!r}")
         elif key == "n_images":
-            prior = card.get("map_prior") is True
-            if not _plain_number(v, integer=True) or (v != 0 if prior else v < 3):
-                refuse(f"n_images must be {'0 for a map prior' if prior else 'an integer >= 3'}, got {str(v)[:40]!r}")
+            free = card.get("map_prior") is True or card.get("crlb_condition") is True
+            if not _plain_number(v, integer=True) or (v != 0 if free else v < 3):
+                refuse(f"n_images must be {'0 for a protocol-free model' if free else 'an integer >= 3'}, got {str(v)[:40]!r}")
             v = int(v)
-        elif key in ("fit_condition", "fit_residual", "map_prior"):
+        elif key in ("fit_condition", "fit_residual", "map_prior", "crlb_condition"):
             if not isinstance(v, bool):
                 refuse(f"{key} must be true or false, got {str(v)[:40]!r}")
         elif key == "protocol":
@@ -410,6 +417,8 @@ def check_weights_card(card, where: str = "weights card") -> dict:
         out[key] = v
     if out.get("map_prior") is True and (out.get("fit_condition") is True or out.get("fit_residual") is True):
         refuse("a map prior sees no images and no fit: fit_condition and fit_residual must not be true")
+    if out.get("crlb_condition") is True and (out.get("fit_condition") is not True or out.get("map_prior") is True):
+        refuse("a CRLB condition comes with the classical fit: fit_condition must be true and map_prior not")
     return out
 
 

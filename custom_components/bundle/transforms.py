@@ -69,6 +69,63 @@ class ClassicalFitd(MapTransform):
         return d
 
 
+#: The scale of a protocol-free condition: the 90th percentile of the fit's PD over the voxels whose brightest image
+#: is above ``SCALE_MIN_SNR`` x sigma (tissue, not background noise) and whose T1 is inside the fit's
+#: range (not clipped at its top). Where a protocol does not determine PD (TIs far
+#: shorter than T1, noise-only fits) single voxels take arbitrary PDs, which a 99.5th percentile would
+#: pick up; the 90th percentile of all tissue stays within a factor of about 2 of the true PD's.
+SCALE_PERCENTILE = 90.0
+SCALE_MIN_SNR = 5.0
+
+
+def fit_crlb_condition(images: torch.Tensor, protocol, sigma: float, fitter: "ClassicalFitd | None" = None) -> tuple:
+    """The inputs of a protocol-free Diffusor (``crlb_condition`` weights, issue 21 design (b)) for one
+    slice of images (N, H, W) of ``protocol`` with noise std ``sigma`` (the images' units).
+
+    The classical fit (:class:`ClassicalFitd`, the full model of the protocol, physical PD and B) gives
+    the scale s (:func:`custom_components.methods.scaling.map_scale`: the :data:`SCALE_PERCENTILE` th
+    percentile of its PD over the tissue voxels; no protocol in it), its maps in network space, and the information channels
+    (:func:`custom_components.methods.scaling.encode_crlb`: how well this protocol and noise level
+    determine each voxel's T1, PD and B). Returns (s (1,), info (3, H, W), encoded fit (3, H, W), fit
+    (3, H, W) physical). The network sees [info, encoded fit] only; the images reach the samples through
+    the data-consistency step. The same function makes the training items and the inference inputs."""
+    from ..methods.scaling import encode_crlb, encode_maps, map_scale
+
+    images = torch.as_tensor(images)
+    fitter = fitter if fitter is not None else ClassicalFitd(protocol)
+    fit = fitter({"image": images})["fit"]
+    info = encode_crlb(fit, get_protocol(protocol), float(sigma)).to(images.dtype)
+    tissue = (images.amax(0) > SCALE_MIN_SNR * float(sigma)) & (fit[1] > 0) & (fit[0] < 0.99 * fitter.t1_max_s)
+    s = map_scale(fit[1], tissue, percentile=SCALE_PERCENTILE).reshape(1)
+    return s, info, encode_maps(fit, s[0]).to(images.dtype), fit
+
+
+class FitCRLBConditiond(Transform):
+    """Training items of a protocol-free Diffusor (``crlb_condition``, issue 21 design (b)): each item of
+    a random acquisition (``SynthesisConfig(protocol="random")``: its protocol as JSON text under
+    ``protocol_key``, its SNR = 1 / sigma under ``snr_key``) gets ``cond`` = [information channels, the
+    classical fit in network space] (6, H, W) from :func:`fit_crlb_condition`, its label (the
+    physical maps) encoded with the same protocol-free scale, and "scale". The images, the protocol and
+    the noise description are dropped (they differ in size between items and would not collate)."""
+
+    def __init__(self, label_key: str = "label", protocol_key: str = "protocol", snr_key: str = "snr"):
+        self.label_key, self.protocol_key, self.snr_key = label_key, protocol_key, snr_key
+
+    def __call__(self, data: Mapping) -> dict:
+        from ..methods.scaling import encode_maps
+
+        d = dict(data)
+        protocol = get_protocol(d.pop(self.protocol_key))
+        sigma = 1.0 / float(torch.as_tensor(d[self.snr_key]))
+        img = torch.as_tensor(d.pop("image"))
+        s, info, fit, _ = fit_crlb_condition(img, protocol, sigma)
+        d[self.label_key] = encode_maps(torch.as_tensor(d[self.label_key]), s[0]).to(img.dtype)
+        d["scale"] = s
+        d["cond"] = torch.cat([info, fit], dim=0)
+        d.pop("noise", None)
+        return d
+
+
 class PriorMapsd(Transform):
     """Training items of a prior over maps (``map_prior`` Diffusor weights, issue 21 design (a)): the
     label (3, H, W) = (T1 s, PD, B) in the physical convention (synthesised with a full-recovery

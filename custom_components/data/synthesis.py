@@ -43,6 +43,12 @@ from ..physics.protocol import Protocol, get_protocol
 from ..physics.signal_model import apparent_parameters, physical_parameters, signed_signal
 
 NOISE_MODELS = ("rician", "ncchi", "gaussian", "none")
+#: ``SynthesisConfig(protocol=RANDOM_PROTOCOL)``: every item has its own acquisition
+#: (:func:`custom_components.physics.protocol.random_protocol`) and noise model (:data:`RANDOM_NOISE`)
+RANDOM_PROTOCOL = "random"
+#: the noise models of a random acquisition: Rician (one coil) with this probability, else the
+#: noncentral chi of a root-sum-of-squares of 2-8 coils (uniform)
+RANDOM_NOISE = {"p_rician": 0.6, "n_coils": (2, 8)}
 
 
 @dataclass
@@ -254,7 +260,7 @@ class SynthesisConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["protocol"] = get_protocol(self.protocol).to_dict()
+        d["protocol"] = RANDOM_PROTOCOL if self.protocol == RANDOM_PROTOCOL else get_protocol(self.protocol).to_dict()
         return d
 
 
@@ -279,7 +285,8 @@ class SyntheticIRDataset(torch.utils.data.Dataset):
         elif overrides:
             config = replace(config, **overrides)
         self.config = config
-        self.protocol = get_protocol(config.protocol)
+        self.random_acquisition = config.protocol == RANDOM_PROTOCOL
+        self.protocol = None if self.random_acquisition else get_protocol(config.protocol)
         self.random_scene_fn = None
         if scene_fn is None and config.scene in ("random_labels", "mixed"):
             from .random_scenes import RandomLabelScenes
@@ -301,6 +308,24 @@ class SyntheticIRDataset(torch.utils.data.Dataset):
             return self.random_scene_fn(rng, s, r, shape)
         return brain_scene(rng, s, r, shape, wide_t1=c.wide_t1, fov_mm=c.fov_mm, deform=c.deform, geometry_seed=c.seed,
                            wide_t1_objects=c.wide_t1_objects, wide_t1_walls=c.wide_t1_walls)
+
+    def acquisition(self, s: int, r: int) -> tuple[Protocol, Effects]:
+        """The protocol and effects of realisation ``r`` of slice ``s``: the config's, or with a random
+        acquisition a protocol and noise model of their own (deterministic for the seed, s and r)."""
+        c = self.config
+        if not self.random_acquisition:
+            return self.protocol, c.effects
+        from ..physics.protocol import random_protocol
+
+        rng = np.random.default_rng([c.seed, s, r, 11])
+        protocol = random_protocol(rng)
+        effects = c.effects
+        if effects.noise in ("rician", "ncchi") and rng.random() >= RANDOM_NOISE["p_rician"]:
+            lo, hi = RANDOM_NOISE["n_coils"]
+            effects = replace(effects, noise="ncchi", n_coils=int(rng.integers(lo, hi + 1)))
+        elif effects.noise in ("rician", "ncchi"):
+            effects = replace(effects, noise="rician", n_coils=1)
+        return protocol, effects
 
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):
@@ -331,13 +356,18 @@ class SyntheticIRDataset(torch.utils.data.Dataset):
         pe = c.effects.pe_axis
         if pe == "random":
             pe = int(rng.choice([-2, -1]))
-        out = render(scene["T1"], scene["T2"], scene["PD"], b, self.protocol, c.effects, gen, sigma=1.0 / snr, pe_axis=pe)
+        protocol, effects = self.acquisition(s, r)
+        out = render(scene["T1"], scene["T2"], scene["PD"], b, protocol, effects, gen, sigma=1.0 / snr, pe_axis=pe)
         mask = out["mask"]
         if "mask" in scene:  # the scene's own notion of meaningful tissue (e.g. PD >= 0.1: not bone)
             m = torch.as_tensor(np.asarray(scene["mask"], dtype=np.float64))
             mask = mask & (downsample_area(m, f) >= 0.5)
         item = {"image": out["image"].float(), "label": out["label"].float(),
                 "mask": mask.unsqueeze(0).float(), "snr": torch.tensor(snr, dtype=torch.float32)}
+        if self.random_acquisition:  # labels in the output convention; the acquisition as JSON text (collates)
+            item["label"] = out["truth"].float()
+            item["protocol"] = json.dumps(protocol.to_dict())
+            item["noise"] = json.dumps({"noise": effects.noise, "n_coils": int(effects.n_coils)})
         if self.with_tissue and "tissue" in scene:
             item["tissue"] = torch.as_tensor(np.asarray(scene["tissue"])[f // 2::f, f // 2::f].astype(np.int64))
         return item
@@ -398,6 +428,8 @@ def write_dataset(out_dir: str | Path, config: SynthesisConfig, n_items: int | N
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise InputError(f"{out_dir} exists and is not empty; pass --overwrite")
     ds = SyntheticIRDataset(config)
+    if ds.random_acquisition:
+        raise InputError("a random acquisition has a protocol per item; a written dataset has one protocol (its sidecar)")
     n = len(ds) if n_items is None else min(int(n_items), len(ds))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))

@@ -55,27 +55,35 @@ def decode_prediction(pred: torch.Tensor, scale: torch.Tensor, protocol,
 
 
 #: ``qmri map --variant``: which kind of Diffusor weights to choose among the shipped ones (None: the best).
-VARIANTS = ("images", "fit", "prior")
+VARIANTS = ("images", "fit", "prior", "crlb")
 #: The order of preference among the weights that fit the input's protocol, best first: the residual
 #: fit-conditioned model, then the fit-conditioned one, then images only (the paper's). The validation
 #: of bundles/diffusor/docs/README.md: held-out synthetic brains T1 error 8.9 (fifth stage, residual)
 #: / 13.7 (fit-conditioned, not residual) / 18.2 % (images only); twin 0.4-2 s mean error 0.7 / 3.0 / 7.7 %.
-PREFERENCE = ("fit_residual", "fit", "images", "prior")  # "prior": only with --variant prior (experimental)
+PREFERENCE = ("fit_residual", "fit", "images", "crlb", "prior")  # "prior"/"crlb": only with --variant (experimental)
+#: the kinds of weights that map any protocol (the images never enter the network)
+PROTOCOL_FREE = ("prior", "crlb")
+#: protocol-free kinds chosen only when asked for with --variant (not validated as defaults)
+EXPERIMENTAL = ("prior", "crlb")
 
 
 def weights_variant(card: dict | None) -> str:
     """The kind of weights a card describes: "fit_residual", "fit" (fit-conditioned), "images" or "prior"
-    (a prior over maps for any protocol, ``map_prior``)."""
+    (a prior over maps for any protocol, ``map_prior``) or "crlb" (conditioned on the classical fit and
+    its CRLB, any protocol, ``crlb_condition``)."""
     card = card or {}
     if card.get("map_prior") is True:
         return "prior"
+    if card.get("crlb_condition") is True:
+        return "crlb"
     if card.get("fit_residual") is True:
         return "fit_residual"
     return "fit" if card.get("fit_condition") is True else "images"
 
 
 _VARIANT_WORDS = {"fit_residual": "images + fit, residual", "fit": "images + fit", "images": "images only",
-                  "prior": "prior over maps + the exact likelihood, any protocol"}
+                  "prior": "prior over maps + the exact likelihood, any protocol",
+                  "crlb": "fit + CRLB, residual, any protocol"}
 
 
 def _describe_protocol(p) -> str:
@@ -141,13 +149,13 @@ def choose_weights(bundle_dir: str | Path, method: str, protocol, variant: str |
         except (ProtocolError, ValueError, TypeError) as e:
             raise InputError(f"{path}: its card's protocol is not a protocol ({str(e).splitlines()[0]})") from None
         kind = weights_variant(card)
-        seen.append(f"{path.name} (" + (_VARIANT_WORDS[kind] if kind == "prior" else trained.name + (
+        seen.append(f"{path.name} (" + (_VARIANT_WORDS[kind] if kind in PROTOCOL_FREE else trained.name + (
             f", {_VARIANT_WORDS[kind]}" if method == "diffusor" else "")) + ")")
         if variant is not None and kind != variant and not (variant == "fit" and kind == "fit_residual"):
             continue
-        if kind == "prior" and variant != "prior":
+        if kind in EXPERIMENTAL and variant != kind:
             continue  # experimental: less accurate than the classical fit on the validation half (docs/prior_validation.md)
-        if method != "rim" and kind != "prior":
+        if method != "rim" and kind not in PROTOCOL_FREE:
             try:
                 check_same_timing(trained, protocol)
             except ProtocolError:
@@ -158,9 +166,9 @@ def choose_weights(bundle_dir: str | Path, method: str, protocol, variant: str |
         raise InputError(f"no {which} weights in {bundle_dir / 'models'} fit this input's protocol "
                          f"({_describe_protocol(protocol)}); the bundle has: {', '.join(seen) or 'none'}; "
                          "train a model for this protocol (README.md, 'MONAI bundles') or pass --weights"
-                         + ("" if variant == "prior" or not any("prior over maps" in x for x in seen) else
-                            ", or --variant prior (experimental: any protocol, less accurate than the classical fit "
-                            "on the validation half)"))
+                         + ("" if variant in PROTOCOL_FREE or not any("any protocol" in x for x in seen) else
+                            ", or --variant " + " or ".join(k for k in EXPERIMENTAL if any(_VARIANT_WORDS[k] in x for x in seen))
+                            + " (experimental: any protocol, less accurate than the classical fit on the validation half)"))
     _, _, path, kind = min(fits)
     why = (f"{'--variant ' + variant + ': ' if variant else ''}the most accurate validated {method} weights for the "
            f"input's protocol among {len(seen)} shipped" + (f" ({_VARIANT_WORDS[kind]})" if method == "diffusor" else ""))
@@ -170,10 +178,11 @@ def choose_weights(bundle_dir: str | Path, method: str, protocol, variant: str |
 def refuse_map_prior(map_prior: bool, weights) -> None:
     """The bundle's ``inference.json`` maps with protocol-specific weights only: its transforms give a
     network images (and the fit) as the condition, which a prior over maps does not take. Such weights
-    (experimental) map through ``qmri map --method diffusor --variant prior`` (or ``--weights``)."""
+    (experimental), and protocol-free ones conditioned on the fit and its CRLB, map through
+    ``qmri map --method diffusor --variant prior|crlb`` (or ``--weights``)."""
     if map_prior:
-        raise InputError(f"{weights}: map-prior weights are mapped with `qmri map --method diffusor --variant prior` "
-                         "(or --weights), not with the bundle's inference.json")
+        raise InputError(f"{weights}: protocol-free weights (a map prior, or a fit + CRLB condition) are mapped with "
+                         "`qmri map --method diffusor --variant prior|crlb` (or --weights), not with the bundle's inference.json")
 
 
 def sha256_of(path: str | Path) -> str:
@@ -210,6 +219,7 @@ def run_info(method: str, network, inferer=None, fit_condition: bool = False) ->
         return {"n_samples": inf.n_samples, "sampler": inf.sampler,
                 "network_evaluations_per_sample": inf.network_evaluations, "fit_condition": bool(fit_condition),
                 "fit_residual": bool(getattr(inf, "residual", False)), "map_prior": bool(getattr(inf, "map_prior", False)),
+                "crlb_condition": getattr(inf, "network_channels", None) is not None and not getattr(inf, "map_prior", False),
                 "start_timestep": getattr(inf, "start_timestep", None), "dc_anneal": getattr(inf, "dc_anneal", 0.0),
                 "seed": inf.seed, "symmetry": inf.symmetry,
                 "data_consistency": dc.describe() if dc is not None else {"strength": 0.0}}
@@ -403,7 +413,7 @@ class BundleMapper:
             for k, v in card.items():  # checked against the card schema: plain data, no "$"/"@"/"%" strings
                 if k != "method" and k not in (overrides or {}) and k in parser:
                     parser[k] = json.dumps(v) if k == "protocol" else v
-        self.fit_condition = self.fit_residual = self.map_prior = False
+        self.fit_condition = self.fit_residual = self.map_prior = self.crlb_condition = False
         if self.method == "diffusor":
             # weights trained with the classical fit in the condition have 3 more input channels
             w_in = state.get("conv_in.conv.weight") if isinstance(state, dict) else None
@@ -413,6 +423,7 @@ class BundleMapper:
             self.fit_condition = bool(parser.get_parsed_content("fit_condition"))
             self.fit_residual = bool(parser.get_parsed_content("fit_residual")) if "fit_residual" in parser else False
             self.map_prior = bool(parser.get_parsed_content("map_prior")) if "map_prior" in parser else False
+            self.crlb_condition = bool(parser.get_parsed_content("crlb_condition")) if "crlb_condition" in parser else False
         self.network = parser.get_parsed_content("network_def").to(self.device)
         try:
             self.network.load_state_dict(state)
@@ -451,7 +462,7 @@ class BundleMapper:
             raise InputError(f"--noise must be one of {', '.join(NOISE_MODELS)}, got {noise!r}")
         self.inferer.data_consistency = (DataConsistency(protocol or self.protocol, strength, noise, int(n_coils),
                                                          crlb_factor=crlb_factor,
-                                                         labels_apparent=False if self.map_prior else None)
+                                                         labels_apparent=False if self.protocol_free else None)
                                          if strength > 0 else None)
 
     def check_protocol(self, series: IRSeries) -> None:
@@ -464,7 +475,7 @@ class BundleMapper:
         if self.method == "rim":
             self.network.protocol = series.protocol  # physics-driven: the series' own inversion times
             return
-        if self.map_prior:
+        if self.protocol_free:
             self.protocol = series.protocol
             return
         try:
@@ -487,6 +498,9 @@ class BundleMapper:
         if self.map_prior:
             s, cond = self.prior_condition(img[0], protocol)
             cond = cond[None].to(self.device)
+        elif self.crlb_condition:
+            s, cond = self.crlb_inputs(img[0], protocol, sigma)
+            cond = cond[None].to(self.device)
         else:
             s = signal_scale(img)
             cond = self._conditioner({"image": img, "scale": s})["cond"][0][None].to(self.device)
@@ -502,7 +516,7 @@ class BundleMapper:
             pred = self.network(cond, sigma=sig.to(self.device))
         else:
             pred = self.network(cond)
-        mean, std = decode_prediction(pred, s, protocol, labels_physical=self.map_prior)
+        mean, std = decode_prediction(pred, s, protocol, labels_physical=self.protocol_free)
         if std is not None and self.method == "diffusor" and self.inferer.data_consistency is not None:
             std = with_posterior_std(mean, std, img, sigma, protocol, self.inferer.data_consistency)
         return mean[0].numpy(), (None if std is None else std[0].numpy())
@@ -522,6 +536,28 @@ class BundleMapper:
         fit = self._prior_fits[key]({"image": images})["fit"]
         s = map_scale(fit[1], fit[1] > 0).reshape(1)
         return s, torch.cat([images / s, encode_maps(fit, s[0])], dim=0)
+
+    def crlb_inputs(self, images: torch.Tensor, protocol, sigma) -> tuple[torch.Tensor, torch.Tensor]:
+        """A protocol-free model's inputs for one slice (N, H, W) of ``protocol`` with noise std ``sigma``
+        (:func:`custom_components.bundle.transforms.fit_crlb_condition`, the function that made its
+        training items): the scale (1,) and [images / scale, CRLB channels, the fit in network space]
+        (N + 6, H, W). The network sees the last 6; the images reach the samples through the
+        data-consistency step. Without a noise level there is no CRLB: refused (give --sigma)."""
+        from ..bundle.transforms import ClassicalFitd, fit_crlb_condition
+
+        if sigma is None or not np.isfinite(sigma) or sigma <= 0:
+            raise InputError("a protocol-free Diffusor (--variant crlb) needs the images' noise level for its CRLB "
+                             "condition, and this series has no signal-free background to estimate it from: give --sigma")
+        key = json.dumps(protocol.to_dict(), sort_keys=True)
+        if key not in self._prior_fits:
+            self._prior_fits = {key: ClassicalFitd(protocol)}
+        s, info, fit, _ = fit_crlb_condition(images, protocol, float(sigma), self._prior_fits[key])
+        return s, torch.cat([images / s, info, fit], dim=0)
+
+    @property
+    def protocol_free(self) -> bool:
+        """The network never sees images, so it maps any protocol (a map prior, or a fit + CRLB condition)."""
+        return self.map_prior or self.crlb_condition
 
     def info(self) -> dict:
         return run_info(self.method, self.network, self.inferer, self.fit_condition)

@@ -315,6 +315,10 @@ class EnsembleDDPMInferer(Inferer):
             steps, whose estimate is a guess, give way to the images; late ones keep the denoised estimate,
             which already carries the images through x_t (the rho_t of DiffPIR, Zhu et al. 2023). 0
             (default): w at every step.
+        network_channels: None (default): the network sees every input channel as its condition. An
+            integer k: only the last k (a protocol-free model, ``crlb_condition``: the inputs are
+            [images, CRLB channels, fit] and the network sees [CRLB channels, fit], k = 6; the images
+            reach the samples through ``data_consistency``). A map prior sees none (k = 0).
         start_timestep: None (default): every sample starts from pure noise at t = T-1. An integer
             t0 < T: it starts from the last 3 input channels noised to t0,
             x_t0 = sqrt(abar_t0) x_start + sqrt(1 - abar_t0) eps (SDEdit, Meng et al. 2022; with the
@@ -326,8 +330,10 @@ class EnsembleDDPMInferer(Inferer):
                  eta: float = 0.0, clip: float | None = 1.0, max_batch: int | None = None, seed: int | None = 0,
                  autocast_dtype: torch.dtype | str | None = None, progress: bool = False, pad_multiple: int = 4,
                  residual: bool = False, symmetry: str = "none", data_consistency=None, map_prior: bool = False,
-                 start_timestep: int | None = None, dc_anneal: float = 0.0):
+                 start_timestep: int | None = None, dc_anneal: float = 0.0, network_channels: int | None = None):
         super().__init__()
+        if network_channels is not None and (int(network_channels) < 0 or (map_prior and int(network_channels) != 0)):
+            raise ValueError(f"network_channels must be None or >= 0 (0 for a map prior), got {network_channels!r}")
         if not np.isfinite(dc_anneal) or dc_anneal < 0:
             raise ValueError(f"dc_anneal must be a number >= 0, got {dc_anneal!r}")
         if map_prior and residual:
@@ -357,6 +363,7 @@ class EnsembleDDPMInferer(Inferer):
         self.map_prior = bool(map_prior)
         self.start_timestep = None if start_timestep is None else int(start_timestep)
         self.dc_anneal = float(dc_anneal)
+        self.network_channels = None if network_channels is None else int(network_channels)
 
     @property
     def network_evaluations(self) -> int:
@@ -370,7 +377,8 @@ class EnsembleDDPMInferer(Inferer):
 
     def _model_fn(self, network, cond):
         def fn(x, t):
-            inp = x if self.map_prior else torch.cat([x, cond], dim=1)
+            k = 0 if self.map_prior else self.network_channels
+            inp = x if k == 0 else torch.cat([x, cond if k is None else cond[:, cond.shape[1] - k:]], dim=1)
             dtype = resolve_autocast_dtype(self.autocast_dtype, inp.device.type)
             if dtype is not None:
                 with torch.autocast(device_type=inp.device.type, dtype=dtype):
@@ -593,10 +601,12 @@ class DenoisingPrepareBatch(PrepareBatch):
     ``batch[x0_name]`` is noised to each of ``timesteps`` with noise from a generator seeded with
     ``seed`` at every call (the same noise at every validation), inputs = [x_t, condition] for all
     (timestep, item) pairs, targets = x0 repeated, and the timesteps go to the inferer
-    (:class:`DenoisingInferer`)."""
+    (:class:`DenoisingInferer`). ``residual``: the network diffuses x0 minus the classical fit (the last 3
+    condition channels); the targets stay the maps, and the inferer adds the fit back."""
 
     def __init__(self, scheduler: DDPMScheduler, timesteps=(50, 200, 500), seed: int = 0, condition_name: str = "cond",
-                 x0_name: str = "label"):
+                 x0_name: str = "label", residual: bool = False):
+        self.residual = bool(residual)
         self.scheduler = scheduler
         self.timesteps = [int(t) for t in timesteps]
         self.seed = int(seed)
@@ -608,10 +618,11 @@ class DenoisingPrepareBatch(PrepareBatch):
         cond = batchdata[self.condition_name].to(device, non_blocking=non_blocking)
         gen = torch.Generator().manual_seed(self.seed)
         inputs, targets, ts = [], [], []
+        d0 = x0 - cond[:, -3:] if self.residual else x0
         for t in self.timesteps:
             a = self.scheduler.alphas_cumprod[t].to(x0.dtype)
             noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
-            inputs.append(torch.cat([a.sqrt() * x0 + (1 - a).sqrt() * noise, cond], dim=1))
+            inputs.append(torch.cat([a.sqrt() * d0 + (1 - a).sqrt() * noise, cond], dim=1))
             targets.append(x0)
             ts.append(torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device))
         return torch.cat(inputs), torch.cat(targets), (), {"timesteps": torch.cat(ts)}
@@ -619,18 +630,21 @@ class DenoisingPrepareBatch(PrepareBatch):
 
 class DenoisingInferer(Inferer):
     """The network's x0 estimate (clipped to [-clip, clip]) from inputs [x_t (3 channels), condition]
-    at ``timesteps`` (:class:`DenoisingPrepareBatch`)."""
+    at ``timesteps`` (:class:`DenoisingPrepareBatch`); ``residual``: plus the fit (the last 3 channels)."""
 
-    def __init__(self, scheduler: DDPMScheduler, clip: float | None = 1.0):
+    def __init__(self, scheduler: DDPMScheduler, clip: float | None = 1.0, residual: bool = False):
         super().__init__()
         self.scheduler = scheduler
         self.clip = clip
+        self.residual = bool(residual)
 
     @torch.no_grad()
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, timesteps=None, **kwargs: Any):
         out = network(inputs, timesteps=timesteps)
         abar = self.scheduler.alphas_cumprod.to(inputs.device)[timesteps].to(inputs.dtype).view(-1, 1, 1, 1)
         x0, _ = to_x0_eps(out, inputs[:, :3], abar, self.scheduler.prediction_type)
+        if self.residual:  # the residual's estimate plus the fit (the last 3 input channels)
+            x0 = x0 + inputs[:, -3:]
         return x0 if self.clip is None else x0.clamp(-self.clip, self.clip)
 
 

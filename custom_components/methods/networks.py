@@ -23,13 +23,15 @@ DIFFUSION_PRESETS = {
 }
 
 
-def condition_channels(n_images: int, fit_condition: bool = False) -> int:
-    return int(n_images) + (3 if fit_condition else 0)
+def condition_channels(n_images: int, fit_condition: bool = False, n_info: int = 0) -> int:
+    """Condition channels: the images, then ``n_info`` information channels (the CRLB of a protocol-free
+    model, :func:`custom_components.methods.scaling.encode_crlb`), then the classical fit (3)."""
+    return int(n_images) + int(n_info) + (3 if fit_condition else 0)
 
 
 def diffusion_unet(preset: str = "compact", n_images: int = 7, fit_condition: bool = False, n_params: int = 3,
-                   fit_residual: bool = False) -> DiffusionModelUNet:
-    """The conditional denoiser: input = noisy maps (3) + condition, output = 3 channels.
+                   fit_residual: bool = False, n_info: int = 0) -> DiffusionModelUNet:
+    """The conditional denoiser: input = noisy maps (3) + condition (:func:`condition_channels`), output = 3 channels.
 
     ``fit_residual`` (the network diffuses maps - classical fit) needs the fit in the condition."""
     if fit_residual and not fit_condition:
@@ -39,7 +41,7 @@ def diffusion_unet(preset: str = "compact", n_images: int = 7, fit_condition: bo
     p = DIFFUSION_PRESETS[preset]
     return DiffusionModelUNet(
         spatial_dims=2,
-        in_channels=n_params + condition_channels(n_images, fit_condition),
+        in_channels=n_params + condition_channels(n_images, fit_condition, n_info),
         out_channels=n_params,
         channels=p["channels"],
         attention_levels=(False,) * len(p["channels"]),

@@ -46,7 +46,7 @@ def signal_scale(images: torch.Tensor, mask: torch.Tensor | None = None) -> torc
     return s.to(images.dtype).clamp_min(1e-12)
 
 
-def map_scale(pd: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def map_scale(pd: torch.Tensor, mask: torch.Tensor | None = None, percentile: float = PERCENTILE) -> torch.Tensor:
     """The signal scale of a prior over maps (``map_prior`` Diffusor weights, issue 21): the 99.5th
     percentile of PD (..., H, W) over the voxels of ``mask`` (all where None), one value per map, never
     below a tiny positive floor. In training PD is the true map over the whole slice (``PriorMapsd``, no
@@ -54,14 +54,15 @@ def map_scale(pd: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tenso
     classical fit's, over the voxels with signal. The two differ by that share (a few % of PD for the
     training slices; not corrected in the shipped prior, 0.9.0). Unlike :func:`signal_scale` it does not depend on the protocol (how much
     of PD a short TR or short TIs leave in the images), so the prior's PD channel means the same for
-    every protocol."""
+    every protocol. ``percentile``: 99.5 (:data:`PERCENTILE`) for the prior; a protocol-free condition
+    (:func:`custom_components.bundle.transforms.fit_crlb_condition`) takes a lower one over determined voxels."""
     pd = torch.as_tensor(pd).abs().flatten(-2).float()
     if mask is not None:
         pd = torch.where(torch.as_tensor(mask).flatten(-2).bool(), pd, torch.full_like(pd, float("nan")))
-        s = torch.nanquantile(pd, PERCENTILE / 100, dim=-1)
+        s = torch.nanquantile(pd, percentile / 100, dim=-1)
         s = torch.where(torch.isfinite(s), s, torch.ones_like(s))
     else:
-        s = torch.quantile(pd, PERCENTILE / 100, dim=-1)
+        s = torch.quantile(pd, percentile / 100, dim=-1)
     return s.clamp_min(1e-12)
 
 
@@ -118,3 +119,34 @@ class QMRIScaled(MapTransform, InvertibleTransform):
 
 
 __all__ = ["T1_SCALE_S", "B_SCALE", "signal_scale", "map_scale", "encode_maps", "decode_maps", "QMRIScaled"]
+
+
+#: The information channels of a protocol-free Diffusor's condition (``crlb_condition`` weights, issue 21
+#: design (b)): log10 of each parameter's relative Cramér-Rao bound, clipped to this range (0.1 % to
+#: 1000 %) and mapped linearly to [-1, 1] (a relative CRLB of 10 %, :data:`custom_components.reporting.robustness.CRLB_LIMIT`,
+#: is at 0.5 of the range: y = 0).
+CRLB_LOG10_RANGE = (-3.0, 1.0)
+N_INFO_CHANNELS = 3
+
+
+def encode_crlb(maps: torch.Tensor, protocol, sigma: float) -> torch.Tensor:
+    """How well the images of ``protocol`` determine each voxel's parameters: (3, H, W) in [-1, 1] from
+    the Cramér-Rao bound (:func:`custom_components.physics.signal_model.crlb`, Gaussian noise of std
+    ``sigma``, the images' units) at the physical maps ``maps`` (3, H, W) = (T1 s, PD, B) (the classical
+    fit's): y = 2 (log10(CRLB_k / |p_k|) - lo) / (hi - lo) - 1 for k = T1, PD, B, clipped to
+    :data:`CRLB_LOG10_RANGE`. Voxels without signal (PD <= 0) and singular ones get 1 (not determined).
+    Depends only on the ratio PD / sigma, so on neither the image units nor the map scale: the same
+    number means the same precision in every protocol."""
+    from ..physics.signal_model import crlb
+
+    if not (sigma is not None and float(sigma) > 0 and torch.isfinite(torch.as_tensor(float(sigma)))):
+        raise ValueError(f"the CRLB condition needs a finite noise std > 0, got {sigma!r}")
+    m = torch.as_tensor(maps, dtype=torch.float64)
+    bound = crlb(m, protocol, float(sigma), dim=-3).movedim(-1, -3)  # (3, H, W)
+    rel = bound / m.abs().clamp_min(1e-12)
+    lo, hi = CRLB_LOG10_RANGE
+    lg = torch.log10(rel.clamp_min(1e-30))
+    lg = torch.where(torch.isfinite(lg), lg, torch.full_like(lg, hi)).clamp(lo, hi)
+    y = 2.0 * (lg - lo) / (hi - lo) - 1.0
+    y = torch.where((m[..., 1:2, :, :] > 0) & (m[..., 0:1, :, :] > 0), y, torch.ones_like(y))
+    return y.to(torch.as_tensor(maps).dtype if torch.as_tensor(maps).is_floating_point() else torch.float32)

@@ -297,6 +297,57 @@ def invivo_9ti_protocol() -> Protocol:
     )
 
 
+#: The acquisitions a protocol-free model is trained on (issue 21 item 1): 3-12 TIs anywhere in 0.02-5 s,
+#: TR 1-15 s (one for all images, or growing with TI as on some scanners) or full recovery, ETL 1-64.
+RANDOM_PROTOCOL_RANGES = {"n_tis": (3, 12), "ti_s": (0.02, 5.0), "tr_s": (1.0, 15.0), "etl": (1, 64),
+                          "echo_spacing_s": (0.005, 0.012), "p_full_recovery": 0.2, "p_variable_tr": 0.2,
+                          "p_single_echo": 0.4}
+
+
+def random_protocol(rng: np.random.Generator, ranges: Mapping | None = None) -> Protocol:
+    """An inversion-recovery protocol drawn from ``ranges`` (default :data:`RANDOM_PROTOCOL_RANGES`).
+
+    The number of TIs is uniform; half the time the TIs are drawn log-uniformly and independently
+    (irregular sets), else log-spaced between two log-uniform ends (designed sets). The readout is a
+    single echo with probability ``p_single_echo``, else an echo train of log-uniform length and
+    uniform echo spacing (centric: TE = the spacing). Full recovery (no TR) with probability
+    ``p_full_recovery``; else TR is log-uniform in the range but at least the last TI + readout +
+    50 ms, and with probability ``p_variable_tr`` it grows with TI (TR_n = TI_n + a fixed delay, the
+    Siemens variable-TR scheme of the NIST scans). Deterministic for ``rng``'s state."""
+    r = dict(RANDOM_PROTOCOL_RANGES, **(ranges or {}))
+    lo, hi = (float(x) for x in r["ti_s"])
+    n = int(rng.integers(int(r["n_tis"][0]), int(r["n_tis"][1]) + 1))
+    for _ in range(100):
+        if rng.random() < 0.5:
+            tis = np.sort(np.exp(rng.uniform(np.log(lo), np.log(hi), n)))
+        else:
+            a, b = np.sort(np.exp(rng.uniform(np.log(lo), np.log(hi), 2)))
+            tis = np.geomspace(a, b, n)
+        tis = np.round(tis, 4)
+        if np.all(np.diff(tis) >= 0.002) and tis[0] >= lo:
+            break
+    else:  # pragma: no cover - 100 failed draws of n <= 12 values in 0.02-5 s do not happen
+        tis = np.round(np.geomspace(lo, hi, n), 4)
+    if rng.random() < float(r["p_single_echo"]):
+        etl, es = 1, float(rng.uniform(*r["echo_spacing_s"]))
+    else:
+        etl = int(round(np.exp(rng.uniform(np.log(2), np.log(int(r["etl"][1]))))))
+        es = float(rng.uniform(*r["echo_spacing_s"]))
+    readout = etl * es
+    tr = None
+    if rng.random() >= float(r["p_full_recovery"]):
+        tr_lo = max(float(r["tr_s"][0]), float(tis[-1]) + readout + 0.05)
+        tr_hi = max(float(r["tr_s"][1]), tr_lo)
+        if rng.random() < float(r["p_variable_tr"]):
+            delay = float(np.exp(rng.uniform(np.log(max(readout + 0.05, 0.3)), np.log(3.0))))
+            tr = tuple(float(x) for x in np.round(np.maximum(tis + delay, float(r["tr_s"][0])), 4))
+        else:
+            tr = float(np.round(np.exp(rng.uniform(np.log(tr_lo), np.log(tr_hi))), 4))
+    return Protocol(inversion_times_s=tuple(float(t) for t in tis), repetition_time_s=tr, echo_time_s=es,
+                    echo_train_length=etl, echo_spacing_s=es, field_strength_t=float(rng.choice([1.5, 3.0])),
+                    ordering="centric" if etl > 1 else "linear", name="random")
+
+
 PRESETS = {"paper": paper_protocol, "nist15": nist_15t_protocol,
            "nist15_variable_tr": lambda: nist_15t_protocol(variable_tr=True), "invivo9": invivo_9ti_protocol}
 

@@ -69,7 +69,8 @@ class MethodSpec:
 
 def default_methods(quick: bool = False, steps: int = 10, samples: int = 10) -> list[MethodSpec]:
     """The classical fit, the TV-regularised fit, the ResNet, the RIM, both Diffusor variants with
-    their shipped weights and the Diffusor with the prior over maps (any protocol, its bundle settings)."""
+    their shipped weights, the Diffusor with the prior over maps and the one conditioned on the fit and
+    its CRLB (both any protocol, at their bundle settings)."""
     b = REPO / "bundles"
     diff = {"samples": samples, "steps": steps}
     specs = [MethodSpec("mle", "classical fit (Rician ML)", "mle"),
@@ -83,6 +84,9 @@ def default_methods(quick: bool = False, steps: int = 10, samples: int = 10) -> 
     if (b / "diffusor/models/model_prior.pt").exists():  # one set of weights for any protocol, at its own settings
         specs.append(MethodSpec("diffusor_prior", "Diffusor, prior over maps (any protocol)", "diffusor",
                                 {"samples": samples, "variant": "prior"}))
+    if (b / "diffusor/models/model_crlb.pt").exists():  # design (b): the fit and its CRLB, any protocol
+        specs.append(MethodSpec("diffusor_crlb", "Diffusor, fit + CRLB (any protocol)", "diffusor",
+                                {"samples": samples, "variant": "crlb"}))
     return specs
 
 

@@ -62,6 +62,7 @@ METHODS = {
     "diffusor_nodc": ("Diffusor without DC", "diffusor", {"dc": 0}),
     "diffusor_images": ("Diffusor (images only, the paper's)", "diffusor", {"variant": "images"}),
     "diffusor_prior": ("Diffusor, prior over maps (any protocol)", "diffusor", {"variant": "prior"}),
+    "diffusor_crlb": ("Diffusor, fit + CRLB (any protocol)", "diffusor", {"variant": "crlb"}),
     "resnet": ("ResNet", "resnet", {}),
     "rim": ("RIM", "rim", {}),
 }
