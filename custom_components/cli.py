@@ -412,7 +412,7 @@ class QMRI:
             out: folder of the report (default docs).
             split: test (default; only ever reported) or validation (may be looked at while developing).
             plates, brains: drawn plate and brain scenes, each rendered in every protocol.
-            methods: comma-separated subset of mle, tv, diffusor, diffusor_nodc, diffusor_images, diffusor_prior, diffusor_crlb,
+            methods: comma-separated subset of mle, tv, diffusor, diffusor_fit, diffusor_nodc, diffusor_images, diffusor_prior, diffusor_crlb,
                 resnet, rim (default: all).
             protocols: comma-separated protocols every scene is rendered in (default paper,nist15).
             calibration: factor c applied to the Diffusor's std for the coverage (fitted on the validation

@@ -85,7 +85,7 @@ def default_methods(quick: bool = False, steps: int = 10, samples: int = 10) -> 
         specs.append(MethodSpec("diffusor_prior", "Diffusor, prior over maps (any protocol)", "diffusor",
                                 {"samples": samples, "variant": "prior"}))
     if (b / "diffusor/models/model_crlb.pt").exists():  # design (b): the fit and its CRLB, any protocol
-        specs.append(MethodSpec("diffusor_crlb", "Diffusor, fit + CRLB (any protocol)", "diffusor",
+        specs.append(MethodSpec("diffusor_crlb", "Diffusor, fit + CRLB (the default, any protocol)", "diffusor",
                                 {"samples": samples, "variant": "crlb"}))
     return specs
 
@@ -336,8 +336,8 @@ def real_scan_section(data_dir: Path, specs: list[MethodSpec]) -> str | tuple[st
         ref = reference_values(plate, 1.5, 1)["T1_s"]
         cells = []
         for s in specs:
-            if s.method not in (*CLASSICAL, "rim") and s.options.get("variant") != "prior":
-                # the fits, the physics-driven RIM and the prior over maps map any protocol
+            if s.method not in (*CLASSICAL, "rim") and s.options.get("variant") not in ("prior", "crlb"):
+                # the fits, the physics-driven RIM and the protocol-free Diffusors map any protocol
                 w = weights_for_protocol(s.method, series.protocol, fit_condition=s.key.endswith("_fit"))
                 if w is None:
                     skipped.setdefault(s.label, set()).add(_timing(series.protocol))
