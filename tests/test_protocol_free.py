@@ -155,10 +155,10 @@ def _tiny_crlb_bundle(root: Path) -> Path:
 
 
 def test_crlb_weights_map_protocols_without_their_own_weights(tmp_path):
-    """One tiny fit + CRLB model maps the in-vivo 9-TI and the variable-TR NIST protocols with --variant crlb
-    (never chosen unasked): the sidecars name the weights and say crlb_condition, the maps are finite;
-    a series without background and without --sigma is refused with nothing written; the bundle's
-    inference.json refuses such weights."""
+    """One tiny fit + CRLB model maps the in-vivo 9-TI and the variable-TR NIST protocols (chosen unasked, and
+    with --variant crlb): the sidecars name the weights and say crlb_condition, the maps are finite;
+    a series without background gets its noise level from the fit's residuals, and with 3 TIs (no residual
+    degree of freedom) it is refused with nothing written; the bundle's inference.json refuses such weights."""
     import nibabel as nib
 
     from custom_components.cli import main
@@ -170,9 +170,10 @@ def test_crlb_weights_map_protocols_without_their_own_weights(tmp_path):
     root = _tiny_crlb_bundle(tmp_path / "bundle")
     for name in ("invivo9", "nist15_variable_tr"):
         proto = get_protocol(name)
-        with pytest.raises(InputError, match="--variant crlb"):
-            choose_weights(root, "diffusor", proto)
+        assert choose_weights(root, "diffusor", proto)[0].name == "model_crlb.pt"  # the default since 0.10.0
         assert choose_weights(root, "diffusor", proto, variant="crlb")[0].name == "model_crlb.pt"
+        with pytest.raises(InputError, match="no diffusor"):  # the bundle's inference.json takes no such weights
+            choose_weights(root, "diffusor", proto, protocol_free=False)
         tw = nist_twin(proto, snr=50, effects=Effects(echo_train=False), matrix=(32, 32))
         save_series(tmp_path / f"{name}.nii.gz", tw["image"].transpose(1, 2, 0)[:, :, None, :], np.eye(4), proto)
         out = tmp_path / f"m_{name}"
@@ -183,10 +184,22 @@ def test_crlb_weights_map_protocols_without_their_own_weights(tmp_path):
         assert side["Weights"]["File"] == "model_crlb.pt" and side["Weights"]["Card"]["crlb_condition"] is True
         assert side["DataConsistency"]["model"] == "finite TR with the echo train's readout"  # physical labels
         assert np.isfinite(nib.load(out / "T1map.nii.gz").get_fdata()).all()
-    # no background (every voxel is tissue) and no --sigma: no CRLB, refused, nothing written
-    flat = np.full((8, 8, 1, 9), 0.5, dtype=np.float32) * np.linspace(0.2, 1.0, 9)
-    save_series(tmp_path / "flat.nii.gz", flat, np.eye(4), get_protocol("invivo9"))
-    assert main(["map", str(tmp_path / "flat.nii.gz"), "--out", str(tmp_path / "mf"), "--method", "diffusor",
+    # no background (zeroed outside the phantom, as some scanners write it) and no --sigma: the noise level comes
+    # from the fit's residuals (the sidecar says so); with 3 TIs there is no residual degree of freedom: refused,
+    # nothing written
+    proto = get_protocol("invivo9")
+    tw = nist_twin(proto, snr=50, effects=Effects(echo_train=False), matrix=(64, 64))
+    zeroed = np.where(tw["mask"][None], tw["image"], 0.0)
+    save_series(tmp_path / "inner.nii.gz", zeroed.transpose(1, 2, 0)[:, :, None, :], np.eye(4), proto)
+    assert main(["map", str(tmp_path / "inner.nii.gz"), "--out", str(tmp_path / "mi"), "--method", "diffusor",
+                 "--bundle", str(root), "--variant", "crlb", "--samples", "1", "--steps", "1", "--quiet"]) == 0
+    side = json.loads((tmp_path / "mi" / "T1map.json").read_text())
+    assert "residuals" in side["Fit"]["sigma_source"] and side["Fit"]["sigma"] == pytest.approx(1 / 50, rel=0.25)
+    three = get_protocol({"inversion_times_s": [0.1, 0.5, 1.5]})
+    tw3 = nist_twin(three, snr=50, effects=Effects(echo_train=False), matrix=(64, 64))
+    zeroed = np.where(tw3["mask"][None], tw3["image"], 0.0)
+    save_series(tmp_path / "three.nii.gz", zeroed.transpose(1, 2, 0)[:, :, None, :], np.eye(4), three)
+    assert main(["map", str(tmp_path / "three.nii.gz"), "--out", str(tmp_path / "mf"), "--method", "diffusor",
                  "--bundle", str(root), "--variant", "crlb", "--samples", "1", "--steps", "1", "--quiet"]) == 2
     assert not (tmp_path / "mf").exists()
     r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(root / "configs" / "inference.json"),

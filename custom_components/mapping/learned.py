@@ -550,7 +550,8 @@ class BundleMapper:
         (:func:`custom_components.bundle.transforms.fit_crlb_condition`, the function that made its
         training items): the scale (1,) and [images / scale, CRLB channels, the fit in network space]
         (N + 6, H, W). The network sees the last 6; the images reach the samples through the
-        data-consistency step. Without a noise level there is no CRLB: refused (give --sigma)."""
+        data-consistency step. Without a noise level there is no CRLB: refused (:func:`map_series_with_bundle`
+        estimates one from the fit's residuals where the series has no background)."""
         from ..bundle.transforms import ClassicalFitd, fit_crlb_condition
 
         if sigma is None or not np.isfinite(sigma) or sigma <= 0:
@@ -639,6 +640,17 @@ def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, met
     if method in ("rim", "diffusor"):
         sigma, noise_info = noise_level(method, data, sigma, noise, int(n_coils))
         info.update(noise_info)
+    if method == "diffusor" and mapper.crlb_condition and sigma is None:
+        # the CRLB condition needs a noise level: without a background, from the fit's residuals
+        from ..methods.fitting import residual_noise_sigma
+
+        try:
+            sigma = residual_noise_sigma(data, series.protocol)
+        except ValueError as e:
+            raise InputError(f"the fit + CRLB Diffusor needs the images' noise level and this series has no "
+                             f"signal-free background: {e}") from None
+        info.update({"sigma_source": "estimated from the classical fit's residuals (no signal-free background)",
+                     "sigma": float(sigma)})
     if method == "diffusor":
         mapper.set_data_consistency(dc, noise, int(n_coils), series.protocol, dc_crlb)
         info.update(mapper.info())

@@ -413,6 +413,35 @@ def estimate_noise_sigma(data: np.ndarray, n_coils: int = 1, background: np.ndar
     return float(np.sqrt(np.mean(y**2) / (2.0 * n_coils)))
 
 
+def residual_noise_sigma(data: np.ndarray, protocol: Protocol, max_voxels: int = 20000, seed: int = 0) -> float:
+    """Noise std of magnitude data (..., N) from the classical fit's residuals, where there is no background.
+
+    The least-squares fit of a voxel with N >= 4 images leaves N - 3 degrees of freedom, so at high SNR
+    (magnitude noise about Gaussian) E[N rms^2 / (N - 3)] = sigma^2 with rms the fit's RMS residual. The
+    estimate is the median of N rms^2 / (N - 3) over the brightest fifth of the voxels (at most
+    ``max_voxels``, drawn with ``seed``), divided by the median of chi2_k / k (k = N - 3), then the square
+    root. Model
+    errors (echo-train blurring, partial volume) add to the residual, so it errs on the high side. Raises
+    ValueError for fewer than 4 images (no degree of freedom left) or fewer than 50 bright voxels."""
+    from scipy import stats
+
+    data = np.asarray(data, dtype=float)
+    n = data.shape[-1]
+    if n < 4:
+        raise ValueError(f"cannot estimate the noise level from the fit's residuals with {n} images (need 4 or more); give sigma")
+    y = data.reshape(-1, n)
+    vmax = y.max(axis=1)
+    bright = np.nonzero(vmax >= np.quantile(vmax, 0.8))[0]
+    if bright.size < 50:
+        raise ValueError("cannot estimate the noise level: too few voxels with signal; give sigma")
+    if bright.size > max_voxels:
+        bright = np.random.default_rng(seed).choice(bright, max_voxels, replace=False)
+    fit = InversionRecoveryModel(protocol).fit(y[bright])
+    k = n - 3
+    ratio = n * np.asarray(fit.residual, float) ** 2 / k  # ~ sigma^2 chi2_k / k
+    return float(np.sqrt(np.median(ratio) / (stats.chi2.median(k) / k)))
+
+
 def noise_floor(n_coils: int = 1) -> float:
     """Mean magnitude of noise alone, in units of the per-channel std sigma: the mean of a chi
     distribution with 2 n_coils degrees of freedom, sqrt(2) Gamma(n + 1/2) / Gamma(n) (root-sum-of-squares
