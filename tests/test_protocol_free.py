@@ -155,8 +155,8 @@ def _tiny_crlb_bundle(root: Path) -> Path:
 
 
 def test_crlb_weights_map_protocols_without_their_own_weights(tmp_path):
-    """One tiny fit + CRLB model maps the in-vivo 9-TI and the variable-TR NIST protocols (chosen unasked, and
-    with --variant crlb): the sidecars name the weights and say crlb_condition, the maps are finite;
+    """One tiny fit + CRLB model maps the in-vivo 9-TI and the variable-TR NIST protocols with --variant crlb
+    (never chosen unasked since 0.10.1): the sidecars name the weights and say crlb_condition, the maps are finite;
     a series without background gets its noise level from the fit's residuals, and with 3 TIs (no residual
     degree of freedom) it is refused with nothing written; the bundle's inference.json refuses such weights."""
     import nibabel as nib
@@ -170,7 +170,8 @@ def test_crlb_weights_map_protocols_without_their_own_weights(tmp_path):
     root = _tiny_crlb_bundle(tmp_path / "bundle")
     for name in ("invivo9", "nist15_variable_tr"):
         proto = get_protocol(name)
-        assert choose_weights(root, "diffusor", proto)[0].name == "model_crlb.pt"  # the default since 0.10.0
+        with pytest.raises(InputError, match="or --variant crlb \\(experimental"):  # never chosen unasked (0.10.1)
+            choose_weights(root, "diffusor", proto)
         assert choose_weights(root, "diffusor", proto, variant="crlb")[0].name == "model_crlb.pt"
         with pytest.raises(InputError, match="no diffusor"):  # the bundle's inference.json takes no such weights
             choose_weights(root, "diffusor", proto, protocol_free=False)

@@ -36,15 +36,15 @@ def _weights(out: Path) -> dict:
                                                 ("nist15_variable_tr", "model_fitcond_nist15_variable_tr.pt"),
                                                 ("invivo9", None)])
 def test_qmri_map_diffusor_takes_the_best_validated_weights_for_the_input_protocol(protocol, specific, tmp_path):
-    """With no flag: the fit + CRLB model (0.10.0, any protocol; chosen by the pre-written rule on the
-    validation half, docs/crlb_validation.md) for every protocol, the in-vivo 9-TI one included; with
-    --variant fit the fit-conditioned residual weights trained for the input's timing (bundle README), and
-    a one-line refusal where there are none. The sidecars name the weights, with the sha256 and the card."""
+    """With no flag: the fit-conditioned residual weights trained for the input's timing (bundle README), and
+    a one-line refusal where there are none (the in-vivo 9-TI protocol); with --variant crlb the fit + CRLB
+    model (any protocol; the default of 0.10.0 only, experimental since 0.10.1: docs/RESULTS.md section 1).
+    The sidecars name the weights, with the sha256 and the card."""
     src = _series_file(tmp_path / "in.nii.gz", protocol)
-    assert main(["map", str(src), "--out", str(tmp_path / "m"), "--method", "diffusor", *FAST]) == 0
-    for out, expected in ((tmp_path / "m", "model_crlb.pt"), (tmp_path / "f", specific)):
+    assert main(["map", str(src), "--out", str(tmp_path / "c"), "--method", "diffusor", "--variant", "crlb", *FAST]) == 0
+    for out, expected in ((tmp_path / "c", "model_crlb.pt"), (tmp_path / "f", specific)):
         if out.name == "f":
-            code = main(["map", str(src), "--out", str(out), "--method", "diffusor", "--variant", "fit", *FAST])
+            code = main(["map", str(src), "--out", str(out), "--method", "diffusor", *FAST])
             assert code == (0 if specific else 2) and out.exists() == bool(specific)
             if not specific:
                 continue
@@ -83,18 +83,17 @@ def test_the_papers_images_only_model_is_one_flag_away(tmp_path, capsys):
 
 
 def test_an_unknown_protocol_is_refused_with_one_line_naming_the_shipped_weights(tmp_path, capsys):
-    """TR 5 s: the default (fit + CRLB, any protocol) maps it; no protocol-specific weights fit, so
-    --variant fit gets one line naming the shipped weights and the experimental prior over maps, which
-    maps it only when asked for (--variant prior, 0.9.0)."""
+    """TR 5 s: no protocol-specific weights fit; one line names the shipped weights and the experimental
+    protocol-free ones, which map it only when asked for (--variant prior, 0.9.0; --variant crlb, 0.10.1)."""
     src = _series_file(tmp_path / "in.nii.gz", get_protocol("paper").with_(repetition_time_s=5.0))
-    assert main(["map", str(src), "--out", str(tmp_path / "d"), "--method", "diffusor", *FAST]) == 0
+    assert main(["map", str(src), "--out", str(tmp_path / "d"), "--method", "diffusor", "--variant", "crlb", *FAST]) == 0
     assert _weights(tmp_path / "d")["File"] == "model_crlb.pt"
     capsys.readouterr()
-    assert main(["map", str(src), "--out", str(tmp_path / "m"), "--method", "diffusor", "--variant", "fit", "--quiet"]) == 2
+    assert main(["map", str(src), "--out", str(tmp_path / "m"), "--method", "diffusor", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("qmri: error: no diffusor (images + fit) weights") and err.count("\n") == 1
+    assert err.startswith("qmri: error: no diffusor weights") and err.count("\n") == 1
     for name in ("model.pt", "model_fitcond.pt", "model_fitcond_nist15.pt", "model_fitcond_nist15_variable_tr.pt",
-                 "model_nist15.pt", "model_prior.pt", "--variant prior (experimental"):
+                 "model_nist15.pt", "model_prior.pt", "model_crlb.pt", "--variant prior or crlb (experimental"):
         assert name in err
     assert "TR 5.0 s" in err and not (tmp_path / "m").exists()
     assert main(["map", str(src), "--out", str(tmp_path / "p"), "--method", "diffusor", "--variant", "prior", *FAST]) == 0
@@ -112,8 +111,8 @@ def test_resnet_and_rim_choose_by_their_cards_too():
 
 
 def test_shipped_default_diffusor_maps_a_twin_crop_as_documented(tmp_path):
-    """Regression test of the paper protocol's fit-conditioned Diffusor (models/model_fitcond.pt, the
-    default before 0.10.0, now ``--variant fit``) with its sampler, scaling and card: a 96 x 56 crop of the digital NIST twin (paper
+    """Regression test of the shipped default Diffusor for the paper protocol (models/model_fitcond.pt) with
+    its sampler, scaling and card: a 96 x 56 crop of the digital NIST twin (paper
     protocol, SNR 50, Rician noise, echo-train blurring, seed 0) holding the spheres of 1.33, 0.99 and
     0.69 s with at least 12 px around them, mapped with 4 samples and 10 DPM-Solver++ steps in the
     first 4 frames of the grid. Measured: +1.4 / +0.3 / -2.0 % (2026-12-05, 2-core x86_64 VM).
@@ -149,7 +148,7 @@ def test_shipped_default_diffusor_maps_a_twin_crop_as_documented(tmp_path):
 
 
 def test_shipped_crlb_default_maps_a_twin_crop_near_the_fit(tmp_path):
-    """Regression test of the default since 0.10.0 (models/model_crlb.pt, fit + CRLB, 2 steps) on the crop of
+    """Regression test of the fit + CRLB model (models/model_crlb.pt, ``--variant crlb``, 2 steps) on the crop of
     the test above, noise level given (sigma = 1/50). Measured 2026-12-05 (2-core x86_64 VM), spheres of
     1.33 / 0.99 / 0.69 s: -3.2 / +0.6 / +0.6 % with 4 samples; the classical fit on the same crop -2.4 / +0.6 /
     +2.3 % (echo-train blurring of the paper's ETL 64). The model diffuses the residual on the fit: it must
@@ -165,7 +164,7 @@ def test_shipped_crlb_default_maps_a_twin_crop_near_the_fit(tmp_path):
     spheres, ref = tw["spheres"][ys, xs], tw["reference"]["T1_s"]
     series = IRSeries(tw["image"][:, ys, xs].transpose(1, 2, 0)[:, :, None, :].astype(np.float64), np.eye(4),
                       tw["protocol"], "twin crop")
-    res = map_series(series, method="diffusor", samples=4, sigma=0.02, progress=False)
+    res = map_series(series, method="diffusor", variant="crlb", samples=4, sigma=0.02, progress=False)
     fit = map_series(series, method="mle", sigma=0.02, progress=False)
     assert res.info["weights"]["File"] == "model_crlb.pt" and res.info["network_evaluations_per_sample"] == 2
     for k in (2, 3, 4):

@@ -85,7 +85,7 @@ def default_methods(quick: bool = False, steps: int = 10, samples: int = 10) -> 
         specs.append(MethodSpec("diffusor_prior", "Diffusor, prior over maps (any protocol)", "diffusor",
                                 {"samples": samples, "variant": "prior"}))
     if (b / "diffusor/models/model_crlb.pt").exists():  # design (b): the fit and its CRLB, any protocol
-        specs.append(MethodSpec("diffusor_crlb", "Diffusor, fit + CRLB (the default, any protocol)", "diffusor",
+        specs.append(MethodSpec("diffusor_crlb", "Diffusor, fit + CRLB (any protocol)", "diffusor",
                                 {"samples": samples, "variant": "crlb"}))
     return specs
 

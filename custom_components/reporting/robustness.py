@@ -58,7 +58,7 @@ NO_IMAGES_WEIGHTS = "no shipped weights for this protocol"
 METHODS = {
     "mle": ("classical fit (ML)", "mle", {}),
     "tv": ("TV-regularised fit", "tv", {}),
-    "diffusor": ("Diffusor (default: fit + CRLB, any protocol)", "diffusor", {}),
+    "diffusor": ("Diffusor (default)", "diffusor", {}),
     "diffusor_fit": ("Diffusor, protocol-specific (images + fit)", "diffusor", {"variant": "fit"}),
     "diffusor_nodc": ("Diffusor without DC", "diffusor", {"dc": 0}),
     "diffusor_images": ("Diffusor (images only, the paper's)", "diffusor", {"variant": "images"}),
