@@ -7,16 +7,14 @@ protocol-specific weights exist for, through `qmri map` and `monai.bundle run tr
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from bundle_runs import bundle_inference, tiny_training
 from custom_components.methods.inferers import (DenoisingInferer, DenoisingPrepareBatch, EnsembleDDPMInferer,
                                                 ddpm_scheduler, dpmpp2m_sample, logsnr_timesteps)
 
@@ -129,7 +127,7 @@ def test_prior_card_schema():
     from custom_components.io import InputError
 
     assert check_weights_card({"method": "diffusor", "n_images": 0, "map_prior": True})["map_prior"] is True
-    with pytest.raises(InputError, match="n_images must be 0 for a map prior"):
+    with pytest.raises(InputError, match="n_images must be 0 for a protocol-free model"):
         check_weights_card({"n_images": 7, "map_prior": True})
     with pytest.raises(InputError, match="n_images must be an integer >= 3"):
         check_weights_card({"n_images": 0})
@@ -214,10 +212,7 @@ def test_prior_weights_map_a_protocol_without_its_own_weights(tmp_path):
                  "--dc_anneal", "1", "--quiet"]) == 2  # the diffusor's flag only
     assert not (tmp_path / "m4").exists()
     # the bundle's inference.json gives networks images as their condition: it refuses a prior's weights
-    r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(root / "configs" / "inference.json"),
-                        "--bundle_root", str(root), "--ckpt_path", str(root / "models" / "model_prior.pt"),
-                        "--input_path", str(tmp_path / "s.nii.gz"), "--output_dir", str(tmp_path / "b")],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    r = bundle_inference(root, root / "models" / "model_prior.pt", tmp_path / "s.nii.gz", tmp_path / "b")
     assert r.returncode != 0 and "--variant prior" in r.stdout + r.stderr and not (tmp_path / "b").exists()
 
 
@@ -225,13 +220,7 @@ def test_train_prior_config_through_monai_bundle(tmp_path):
     """`monai.bundle run training` with train.json + train_prior.json: a tiny prior trains, its card says
     map_prior with no images, and the validation metric is the denoising error."""
     root = tmp_path / "b"
-    shutil.copytree(BUNDLE / "configs", root / "configs")
-    cfg = str([str(root / "configs" / "train.json"), str(root / "configs" / "train_prior.json")])
-    r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", cfg,
-                        "--bundle_root", str(root), "--network_preset", "tiny", "--n_train_slices", "2",
-                        "--n_val_slices", "1", "--max_epochs", "1", "--val_interval", "1", "--cache_workers", "0",
-                        "--torch_threads", "1", "--crop_size", "32", "--progress_bar", "false"],
-                       cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    r = tiny_training(root, "train_prior.json")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "val_t1_mape" in r.stdout + r.stderr
     card = json.loads((root / "models" / "model_prior.json").read_text())

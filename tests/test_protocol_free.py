@@ -8,15 +8,13 @@ image units; the card's schema; a tiny fit + CRLB bundle mapping protocols it ha
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from bundle_runs import bundle_inference, tiny_training
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "diffusor"
@@ -203,10 +201,7 @@ def test_crlb_weights_map_protocols_without_their_own_weights(tmp_path):
     assert main(["map", str(tmp_path / "three.nii.gz"), "--out", str(tmp_path / "mf"), "--method", "diffusor",
                  "--bundle", str(root), "--variant", "crlb", "--samples", "1", "--steps", "1", "--quiet"]) == 2
     assert not (tmp_path / "mf").exists()
-    r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(root / "configs" / "inference.json"),
-                        "--bundle_root", str(root), "--ckpt_path", str(root / "models" / "model_crlb.pt"),
-                        "--input_path", str(tmp_path / "invivo9.nii.gz"), "--output_dir", str(tmp_path / "b")],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    r = bundle_inference(root, root / "models" / "model_crlb.pt", tmp_path / "invivo9.nii.gz", tmp_path / "b")
     assert r.returncode != 0 and "--variant prior|crlb" in r.stdout + r.stderr and not (tmp_path / "b").exists()
 
 
@@ -214,13 +209,7 @@ def test_train_crlb_config_through_monai_bundle(tmp_path):
     """`monai.bundle run training` with train.json + train_crlb.json: a tiny model trains on random
     acquisitions; its card says crlb_condition with no images, and its input has 3 + 3 + 3 channels."""
     root = tmp_path / "b"
-    shutil.copytree(BUNDLE / "configs", root / "configs")
-    cfg = str([str(root / "configs" / "train.json"), str(root / "configs" / "train_crlb.json")])
-    r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", cfg,
-                        "--bundle_root", str(root), "--network_preset", "tiny", "--n_train_slices", "2",
-                        "--n_val_slices", "1", "--max_epochs", "1", "--val_interval", "1", "--cache_workers", "0",
-                        "--torch_threads", "1", "--crop_size", "32", "--progress_bar", "false", "--init_from", ""],
-                       cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    r = tiny_training(root, "train_crlb.json", "--init_from", "")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "val_t1_mape" in r.stdout + r.stderr
     card = json.loads((root / "models" / "model_crlb.json").read_text())
