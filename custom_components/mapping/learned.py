@@ -161,9 +161,9 @@ def choose_weights(bundle_dir: str | Path, method: str, protocol, variant: str |
         if variant is not None and kind != variant and not (variant == "fit" and kind == "fit_residual"):
             continue
         if kind in EXPERIMENTAL and variant != kind:
-            continue
+            continue  # experimental: less accurate than the classical fit (docs/prior_validation.md, docs/RESULTS.md)
         if kind in PROTOCOL_FREE and not protocol_free:
-            continue  # experimental: less accurate than the classical fit on the validation half (docs/prior_validation.md)
+            continue
         if method != "rim" and kind not in PROTOCOL_FREE:
             try:
                 check_same_timing(trained, protocol)
@@ -448,7 +448,7 @@ class BundleMapper:
         from ..bundle.transforms import SliceConditiond
 
         self._conditioner = SliceConditiond(self.fit_condition, self.protocol)  # the bundle's own preprocessing
-        self._prior_fits = {}  # a map prior's classical fit (its start and scale), per protocol
+        self._fitters = {}  # a protocol-free model's classical fit (its condition, start and scale), per protocol
 
     def set_data_consistency(self, strength: float | None = None, noise: str = "rician", n_coils: int = 1,
                              protocol=None, crlb_factor: float | None = None) -> None:
@@ -537,13 +537,9 @@ class BundleMapper:
         space] (N + 3, H, W): the images for the data-consistency step, the fit where the sampler starts
         (``start_timestep``). The fit is :class:`custom_components.bundle.transforms.ClassicalFitd`'s for
         the series' protocol, in the physical convention of the prior's labels."""
-        from ..bundle.transforms import ClassicalFitd
         from ..methods.scaling import encode_maps, map_scale
 
-        key = json.dumps(protocol.to_dict(), sort_keys=True)
-        if key not in self._prior_fits:
-            self._prior_fits = {key: ClassicalFitd(protocol)}
-        fit = self._prior_fits[key]({"image": images})["fit"]
+        fit = self._fitter(protocol)({"image": images})["fit"]
         s = map_scale(fit[1], fit[1] > 0).reshape(1)
         return s, torch.cat([images / s, encode_maps(fit, s[0])], dim=0)
 
@@ -554,16 +550,23 @@ class BundleMapper:
         (N + 6, H, W). The network sees the last 6; the images reach the samples through the
         data-consistency step. Without a noise level there is no CRLB: refused (:func:`map_series_with_bundle`
         estimates one from the fit's residuals where the series has no background)."""
-        from ..bundle.transforms import ClassicalFitd, fit_crlb_condition
+        from ..bundle.transforms import fit_crlb_condition
 
         if sigma is None or not np.isfinite(sigma) or sigma <= 0:
             raise InputError("a protocol-free Diffusor (--variant crlb) needs the images' noise level for its CRLB "
                              "condition, and this series has no signal-free background to estimate it from: give --sigma")
-        key = json.dumps(protocol.to_dict(), sort_keys=True)
-        if key not in self._prior_fits:
-            self._prior_fits = {key: ClassicalFitd(protocol)}
-        s, info, fit, _ = fit_crlb_condition(images, protocol, float(sigma), self._prior_fits[key])
+        s, info, fit, _ = fit_crlb_condition(images, protocol, float(sigma), self._fitter(protocol))
         return s, torch.cat([images / s, info, fit], dim=0)
+
+    def _fitter(self, protocol):
+        """The :class:`custom_components.bundle.transforms.ClassicalFitd` of ``protocol``, built once and kept
+        for the last protocol seen (the slices of a series share one)."""
+        from ..bundle.transforms import ClassicalFitd
+
+        key = json.dumps(protocol.to_dict(), sort_keys=True)
+        if key not in self._fitters:
+            self._fitters = {key: ClassicalFitd(protocol)}
+        return self._fitters[key]
 
     @property
     def protocol_free(self) -> bool:

@@ -420,8 +420,7 @@ def residual_noise_sigma(data: np.ndarray, protocol: Protocol, max_voxels: int =
     (magnitude noise about Gaussian) E[N rms^2 / (N - 3)] = sigma^2 with rms the fit's RMS residual. The
     estimate is the median of N rms^2 / (N - 3) over the brightest fifth of the voxels (at most
     ``max_voxels``, drawn with ``seed``), divided by the median of chi2_k / k (k = N - 3), then the square
-    root. Model
-    errors (echo-train blurring, partial volume) add to the residual, so it errs on the high side. Raises
+    root. Model errors (echo-train blurring, partial volume) add to the residual, so it errs on the high side. Raises
     ValueError for fewer than 4 images (no degree of freedom left) or fewer than 50 bright voxels."""
     from scipy import stats
 

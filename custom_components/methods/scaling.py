@@ -55,7 +55,7 @@ def map_scale(pd: torch.Tensor, mask: torch.Tensor | None = None, percentile: fl
     training slices; not corrected in the shipped prior, 0.9.0). Unlike :func:`signal_scale` it does not depend on the protocol (how much
     of PD a short TR or short TIs leave in the images), so the prior's PD channel means the same for
     every protocol. ``percentile``: 99.5 (:data:`PERCENTILE`) for the prior; a protocol-free condition
-    (:func:`custom_components.bundle.transforms.fit_crlb_condition`) takes a lower one over determined voxels."""
+    (:func:`custom_components.bundle.transforms.fit_crlb_condition`) takes the 90th over the fit's tissue voxels."""
     pd = torch.as_tensor(pd).abs().flatten(-2).float()
     if mask is not None:
         pd = torch.where(torch.as_tensor(mask).flatten(-2).bool(), pd, torch.full_like(pd, float("nan")))
@@ -126,7 +126,6 @@ __all__ = ["T1_SCALE_S", "B_SCALE", "signal_scale", "map_scale", "encode_maps", 
 #: 1000 %) and mapped linearly to [-1, 1] (a relative CRLB of 10 %, :data:`custom_components.reporting.robustness.CRLB_LIMIT`,
 #: is at 0.5 of the range: y = 0).
 CRLB_LOG10_RANGE = (-3.0, 1.0)
-N_INFO_CHANNELS = 3
 
 
 def encode_crlb(maps: torch.Tensor, protocol, sigma: float) -> torch.Tensor:
@@ -149,4 +148,5 @@ def encode_crlb(maps: torch.Tensor, protocol, sigma: float) -> torch.Tensor:
     lg = torch.where(torch.isfinite(lg), lg, torch.full_like(lg, hi)).clamp(lo, hi)
     y = 2.0 * (lg - lo) / (hi - lo) - 1.0
     y = torch.where((m[..., 1:2, :, :] > 0) & (m[..., 0:1, :, :] > 0), y, torch.ones_like(y))
-    return y.to(torch.as_tensor(maps).dtype if torch.as_tensor(maps).is_floating_point() else torch.float32)
+    dtype = torch.as_tensor(maps).dtype
+    return y.to(dtype if dtype.is_floating_point else torch.float32)

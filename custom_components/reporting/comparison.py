@@ -322,6 +322,7 @@ def real_scan_section(data_dir: Path, specs: list[MethodSpec]) -> str | tuple[st
     from .evaluation import locate_spheres, sphere_table, table_summary
     from ..io import load_series
     from ..mapping import map_series
+    from ..mapping.learned import PROTOCOL_FREE
     from ..data.phantoms import reference_values
 
     folders = sorted(p for p in Path(data_dir).glob("site*/plate*") if p.is_dir())
@@ -336,7 +337,7 @@ def real_scan_section(data_dir: Path, specs: list[MethodSpec]) -> str | tuple[st
         ref = reference_values(plate, 1.5, 1)["T1_s"]
         cells = []
         for s in specs:
-            if s.method not in (*CLASSICAL, "rim") and s.options.get("variant") not in ("prior", "crlb"):
+            if s.method not in (*CLASSICAL, "rim") and s.options.get("variant") not in PROTOCOL_FREE:
                 # the fits, the physics-driven RIM and the protocol-free Diffusors map any protocol
                 w = weights_for_protocol(s.method, series.protocol, fit_condition=s.key.endswith("_fit"))
                 if w is None:
