@@ -1,6 +1,7 @@
 """``qmri``: the command line, a thin layer over the package (python-fire).
 
     qmri map INPUT --out DIR [--method mle|ls|diffusor|resnet|rim] [--mask M] [--tis 0.05,0.1,...] [--tr 10]
+    qmri bids BIDS_DIR OUTPUT_DIR participant|group [--participant_label 01 02] [--method mle] [--n_jobs N]
     qmri phantom --out DIR [--protocol paper] [--snr 50] [--noise rician] [--echo_train] [--gibbs 1]
     qmri synthesize --out DIR [--n 16] [--protocol paper] [--wide_t1] [--seed 0]
     qmri report T1MAP [--plate T1] [--field 3] [--version 2] [--out table.md]
@@ -125,6 +126,15 @@ def _check_map_flags(method, noise, n_coils, sigma, samples, steps, sampler, sym
         from .bundle.training import parse_device
 
         parse_device(device)
+    elif device != "cpu":  # the fit runs in torch too (without importing the bundle machinery)
+        import re
+
+        import torch
+
+        if not isinstance(device, str) or not re.fullmatch(r"cuda(:[0-9]{1,3})?", device):
+            raise InputError(f"--device for the {method} fit must be cpu, cuda or cuda:N, got {str(device)[:60]!r}")
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: no CUDA device is available to this torch ({torch.__version__})")
     return samples, steps, seed
 
 
@@ -173,7 +183,7 @@ class QMRI:
                 sample turned back), flips (4), or none (every member as the input is oriented).
             seed: diffusor: seed of the ensemble's initial noise (default: the bundle's, 0, so that
                 repeated runs give the same maps; another seed draws another ensemble).
-            device: cpu, cuda or cuda:N (or mps) for the learned methods.
+            device: cpu, cuda or cuda:N (or mps): where the fit (mle, ls, tv) and the learned methods run.
             bundle: bundle folder of the learned method (default bundles/<method>).
             weights: weights file; default: the most accurate validated weights of the bundle for the
                 input's protocol, chosen by their cards (diffusor: fit-conditioned residual, then
@@ -265,6 +275,41 @@ class QMRI:
             t1 = res.maps["T1"][res.mask]
             print(f"mapped {int(res.mask.sum())} voxels with {method}: median T1 {np.median(t1) * 1000:.0f} ms -> {out}")
         return None if quiet else sorted(str(p) for p in written.values())
+
+    def bids(self, bids_dir: str, output_dir: str, analysis_level: str, participant_label=None, method: str = "mle",
+             noise: str = "rician", n_coils: int = 1, sigma: float | None = None, device: str = "cpu", n_jobs: int = 1):
+        """BIDS App: qmri bids BIDS_DIR OUTPUT_DIR participant|group [--participant_label 01 02 ...] [--n_jobs N].
+
+        participant: map every BIDS IRT1 collection (sub-*/[ses-*/]anat/*_inv-<n>_IRT1.nii[.gz] + sidecars)
+        of the chosen participants into the BIDS derivatives dataset OUTPUT_DIR, as `qmri map --bids`
+        does; one line per collection: mapped, skipped (its output is complete) or failed. Each output
+        ends with a completion record (*_desc-<method>_qmriRun.json) written last: a run that was
+        stopped is resumed by running the same command again.
+        group: one table OUTPUT_DIR/group_desc-<method>_T1.tsv (+ .json) of the complete outputs: median
+        T1 (ms) over the mapped voxels and in three T1 classes of the map (short, mid, long: a k-means
+        on log T1, in a brain WM, GM, CSF), with the run's method, version, TIs, date and source.
+
+        Args:
+            bids_dir: the BIDS dataset (with dataset_description.json).
+            output_dir: the derivatives dataset (e.g. BIDS_DIR/derivatives/qmri).
+            analysis_level: participant or group.
+            participant_label: labels (with or without sub-), space or comma separated; default: all.
+            method, noise, n_coils, sigma, device: as for `qmri map`.
+            n_jobs: participants mapped at the same time, in separate processes (participant level).
+        """
+        from .mapping.bids_app import participant_labels, run_group_level, run_participant_level
+        from .io import InputError
+
+        if analysis_level not in ("participant", "group"):
+            raise InputError(f"analysis_level must be participant or group, got {analysis_level!r}")
+        _check_map_flags(method, noise, n_coils, sigma, None, None, None, None, None, device)
+        labels = participant_labels(participant_label)
+        n_jobs = _int_flag(n_jobs, "--n_jobs", 1)
+        if analysis_level == "group":
+            run_group_level(str(bids_dir), str(output_dir), labels, method=method)
+        else:
+            run_participant_level(str(bids_dir), str(output_dir), labels, method=method, n_jobs=n_jobs,
+                                  options={"noise": noise, "n_coils": int(n_coils), "sigma": sigma, "device": device})
 
     def phantom(self, out: str, protocol: str = "paper", snr: float | None = 50.0, noise: str = "rician",
                 n_coils: int = 1, echo_train: bool = True, gibbs: int = 1, matrix: int = 240, fov_mm: float = 250.0,
@@ -495,18 +540,31 @@ class QMRI:
 
 
 #: Flags whose values are labels, never numbers: fire would read ``--subject 0x1F`` as 31 and ``1e3`` as 1000.0.
-_STRING_FLAGS = ("--subject", "--session")
+_STRING_FLAGS = ("--subject", "--session", "--participant_label")
+#: Flags that take several values, as BIDS Apps do (``--participant_label 01 02``): the words up to the
+#: next flag are passed to fire as one string.
+_LIST_FLAGS = ("--participant_label",)
 
 
 def _quote_labels(argv: list[str]) -> list[str]:
-    """Pass the values of :data:`_STRING_FLAGS` to fire as Python string literals, so they stay verbatim."""
-    out, quote_next = [], False
-    for a in argv:
+    """Pass the values of :data:`_STRING_FLAGS` to fire as Python string literals, so they stay verbatim;
+    the several values of a flag in :data:`_LIST_FLAGS` as one string, separated by spaces."""
+    out, quote_next, i = [], False, 0
+    while i < len(argv):
+        a = argv[i]
+        i += 1
         if quote_next:
             out.append(repr(a))
             quote_next = False
             continue
         flag, eq, val = a.partition("=")
+        if flag in _LIST_FLAGS and not eq:
+            words = []
+            while i < len(argv) and not argv[i].startswith("-"):
+                words.append(argv[i])
+                i += 1
+            out += [a, repr(" ".join(words))] if words else [a]
+            continue
         if flag in _STRING_FLAGS:
             if eq:
                 out.append(f"{flag}={val!r}")

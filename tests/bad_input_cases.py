@@ -60,8 +60,8 @@ class Evil:
         return (Path.touch, (Path(self.target),))
 
 
-def _dicom(path: Path, pixels: np.ndarray, ti_ms: float, series_uid: str, tr_ms: float = 1000.0,
-           te_ms: float = 10.0) -> None:
+def _dicom(path: Path, pixels: np.ndarray, ti_ms: float | None, series_uid: str, tr_ms: float = 1000.0,
+           te_ms: float = 10.0, series: tuple[int, str] | None = None, iop=(1, 0, 0, 0, 1, 0)) -> None:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
@@ -74,9 +74,13 @@ def _dicom(path: Path, pixels: np.ndarray, ti_ms: float, series_uid: str, tr_ms:
     ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = MRImageStorage, meta.MediaStorageSOPInstanceUID, "MR"
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = "1.2.3", series_uid, "1.2.3.4"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
-    ds.InversionTime, ds.RepetitionTime, ds.EchoTime, ds.EchoTrainLength = f"{ti_ms:g}", f"{tr_ms:g}", f"{te_ms:g}", 1
+    ds.RepetitionTime, ds.EchoTime, ds.EchoTrainLength = f"{tr_ms:g}", f"{te_ms:g}", 1
+    if ti_ms is not None:
+        ds.InversionTime = f"{ti_ms:g}"
+    if series is not None:
+        ds.SeriesNumber, ds.SeriesDescription = series
     ds.MagneticFieldStrength, ds.SliceThickness = "1.5", "4"
-    ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing = [0, 0, 0], [1, 0, 0, 0, 1, 0], [1, 1]
+    ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing = [0, 0, 0], list(iop), [1, 1]
     ds.RescaleSlope, ds.RescaleIntercept = "1", "0"
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
@@ -206,6 +210,60 @@ def dicom_mixing_echo_times(d):
     rng = np.random.default_rng(0)
     for i, ti in enumerate((50, 100, 200, 400, 800)):
         _dicom(folder / f"s{i}.dcm", rng.integers(100, 900, (8, 8)), ti, f"1.2.3.{i}", te_ms=10 if i < 3 else 80)
+    return ["map", str(folder), "--out", str(d / OUT), "--quiet"]
+
+
+def dicom_ir_series_and_localizer(d):
+    """An IR series (#5, 5 TIs) and the localizer of the same exam (#1, 3 images, no TI, sagittal) in one folder."""
+    folder = d / "dicom"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, ti in enumerate((50, 100, 200, 400, 800)):
+        _dicom(folder / f"IM{i:04d}", rng.integers(100, 900, (8, 8)), ti, "1.2.3.5", series=(5, "T1_IR_SE"))
+    for i in range(3):
+        _dicom(folder / f"IM{5 + i:04d}", rng.integers(100, 900, (8, 8)), None, "1.2.3.1", series=(1, "localizer"),
+               iop=(0, 1, 0, 0, 0, -1))
+    return ["map", str(folder), "--out", str(d / OUT), "--quiet"]
+
+
+def dicom_enhanced_frame_without_ti(d):
+    """One Enhanced MR multi-frame file of 4 frames (one slice, TI 50-400 ms) whose frame 3 has no inversion time."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import EnhancedMRImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    def item(**attrs):
+        x = Dataset()
+        for k, v in attrs.items():
+            setattr(x, k, v)
+        return x
+
+    folder = d / "dicom"
+    folder.mkdir()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = EnhancedMRImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = EnhancedMRImageStorage, meta.MediaStorageSOPInstanceUID, "MR"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = "1.2.3", "1.2.3.7", "1.2.3.4"
+    ds.ImageType, ds.ComplexImageComponent, ds.MagneticFieldStrength = ["ORIGINAL", "PRIMARY", "T1", "NONE"], "MAGNITUDE", 1.5
+    ds.NumberOfFrames, ds.Rows, ds.Columns = 4, 8, 8
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = np.random.default_rng(0).integers(100, 900, (4, 8, 8)).astype(np.uint16).tobytes()
+    ds.SharedFunctionalGroupsSequence = [item(
+        PlaneOrientationSequence=[item(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])],
+        PixelMeasuresSequence=[item(PixelSpacing=[1, 1], SliceThickness=4)],
+        MRTimingAndRelatedParametersSequence=[item(RepetitionTime=1000, EchoTrainLength=1)],
+        MREchoSequence=[item(EffectiveEchoTime=10.0)])]
+    frames = []
+    for n, ti in enumerate((50.0, 100.0, 200.0, 400.0)):
+        fg = item(PlanePositionSequence=[item(ImagePositionPatient=[0, 0, 0])])
+        if n != 2:
+            fg.MRModifierSequence = [item(InversionRecovery="YES", InversionTimes=[ti])]
+        frames.append(fg)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    ds.save_as(folder / "enhanced.dcm", enforce_file_format=True)
     return ["map", str(folder), "--out", str(d / OUT), "--quiet"]
 
 
@@ -376,9 +434,13 @@ CASES = [
     Case("three_d_instead_of_four_d", "a 3D image where a 4D series is expected", three_d_instead_of_four_d,
          "expected 4D"),
     Case("dicom_mixing_protocols", "a DICOM folder holding two series of the same TIs (TR 1 s and 3 s)",
-         dicom_mixing_protocols, "mixed or repeated series"),
+         dicom_mixing_protocols, "put each series in its own folder"),
     Case("dicom_mixing_echo_times", "a DICOM folder of one series per TI whose echo time changes (10 and 80 ms)",
          dicom_mixing_echo_times, "EchoTime"),
+    Case("dicom_ir_series_and_localizer", "a DICOM folder holding an IR series (#5, 5 TIs) and a localizer (#1, 3 "
+         "images without TI)", dicom_ir_series_and_localizer, "series found: #1 'localizer' (3 images, no InversionTime)"),
+    Case("dicom_enhanced_frame_without_ti", "an Enhanced MR multi-frame file whose frame 3 of 4 has no inversion time "
+         "(MRModifierSequence InversionTimes)", dicom_enhanced_frame_without_ti, "frame 3 of 4 has no inversion time"),
     Case("truncated_nifti", "a NIfTI cut in half", truncated_nifti, "cannot read NIfTI"),
     Case("not_an_image", "a text file named scan.nii.gz", not_an_image, "cannot read NIfTI"),
     Case("sidecar_not_json", "a sidecar that is not valid JSON", sidecar_not_json, "invalid JSON"),

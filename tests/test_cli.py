@@ -77,6 +77,9 @@ def test_map_with_tis_and_mask(tmp_path):
     ("unknown method", lambda t: ["map", str(_series(t)), "--out", str(t / "o"), "--method", "magic"], "unknown method"),
     ("bad mask shape", lambda t: (nib.save(nib.Nifti1Image(np.ones((5, 5, 1), np.uint8), np.eye(4)), t / "mk.nii.gz"),
                                   ["map", str(_series(t)), "--out", str(t / "o"), "--mask", str(t / "mk.nii.gz")])[1], "mask"),
+    ("bad fit device", lambda t: ["map", str(_series(t)), "--out", str(t / "o"), "--device", "gpu0"], "cpu, cuda or cuda:N"),
+    pytest.param("fit on a missing GPU", lambda t: ["map", str(_series(t)), "--out", str(t / "o"), "--device", "cuda"],
+                 "no CUDA device", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")),
 ])
 def test_bad_input_one_line_error_and_no_output(tmp_path, capsys, case, args, message):
     rc = main(args(tmp_path))
@@ -85,6 +88,27 @@ def test_bad_input_one_line_error_and_no_output(tmp_path, capsys, case, args, me
     assert err.startswith("qmri: error:") and "\n" not in err and message.lower() in err.lower()
     assert not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o")]  # no temporary folder left
+
+
+def test_a_volume_is_mapped_whole_with_its_affine(tmp_path):
+    """A multi-slice series (24 x 24 x 5, an oblique affine) is mapped in one call: every slice gets the
+    maps of its own T1 (a different T1 per slice, known answer within 1 %), and the maps keep the
+    input's affine."""
+    p = paper_protocol()
+    t1 = np.array([0.3, 0.6, 0.9, 1.2, 1.5])
+    maps = torch.zeros(3, 24, 24, 5, dtype=torch.float64)
+    maps[0] = torch.tensor(t1)
+    maps[2] = 1.95
+    maps[1, 4:-4, 4:-4] = 1.0  # an object in a signal-free background (the noise level comes from there)
+    img = signal(maps, p, dim=0).numpy() + 0.002 * np.random.default_rng(1).rayleigh(size=(7, 24, 24, 5))
+    affine = np.array([[0.9, 0.1, 0, -100], [-0.1, 0.9, 0, -120], [0, 0, 3.0, 20], [0, 0, 0, 1]])
+    save_series(tmp_path / "vol.nii.gz", img.transpose(1, 2, 3, 0), affine, p)
+    out = tmp_path / "maps"
+    assert main(["map", str(tmp_path / "vol.nii.gz"), "--out", str(out), "--quiet"]) == 0
+    nii = nib.load(out / "T1map.nii.gz")
+    assert nii.shape == (24, 24, 5)
+    np.testing.assert_allclose(nii.affine, affine, atol=1e-5)
+    np.testing.assert_allclose(np.median(nii.get_fdata()[4:-4, 4:-4], axis=(0, 1)), t1, rtol=0.01)
 
 
 def test_existing_output_needs_overwrite(tmp_path, capsys):

@@ -52,7 +52,10 @@ class ClassicalFitd(MapTransform):
         super().__init__([image_key])
         from ..methods.fitting import InversionRecoveryModel
 
-        self.model = InversionRecoveryModel(get_protocol(protocol))
+        # the condition the shipped models were trained on: 96 grid values, float64, refinement run to its end
+        # (not the default fit's coarse grid and float32 early stopping, whose stopping point in a flat valley, a T1
+        # the TIs do not determine, moves with the rounding of the input)
+        self.model = InversionRecoveryModel(get_protocol(protocol), n_grid=96, dtype=torch.float64, tol_ls=1e-9)
         self.image_key, self.out_key = image_key, out_key
         self.threshold, self.t1_max_s = threshold, t1_max_s
 

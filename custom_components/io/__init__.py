@@ -8,7 +8,8 @@ axis sorted by increasing inversion time, a 4x4 NIfTI (RAS+, mm) affine and a
 a) a 4D NIfTI file (``.nii``/``.nii.gz``), inversions on the last axis (a 2D series is
    (X, Y, 1, N)). Inversion times in s come from ``tis=`` or from the BIDS sidecar beside it
    (same name, ``.json``; ``"InversionTime"``: list in s, ``"RepetitionTime"``: scalar or list in s).
-b) a folder holding the DICOM files of one IR series (one file per TI and slice, any file names).
+b) a folder holding the DICOM files of one IR series (one file per TI and slice, any file names, or
+   Enhanced MR multi-frame files; one series, or one series per TI; other mixes of series are refused).
    Pixel values are rescaled (RescaleSlope/RescaleIntercept, and Philips' private MR Scale Slope,
    see :func:`dicom_pixel_values`), signed real images are turned into magnitude, images are grouped
    by slice position and sorted by InversionTime (0018,0082, ms in DICOM, s here) and the affine is
@@ -38,7 +39,7 @@ from .series import IRSeries, InputError, nonnegative_number  # noqa: F401
 from .nifti import _IRT1_RE, _irt1_group_by_prefix, _irt1_group_in_folder, _irt1_group_of_file, _is_nifti_name, _load_bids_irt1, _load_nifti_4d, _nib_data, _nib_load, max_input_bytes, sidecar_path  # noqa: F401
 from .dicom import _dicom_kind, _load_dicom_folder, dicom_pixel_values, philips_scale_slope  # noqa: F401
 from .writing import _write_files_atomically, protocol_sidecar, save_bids_irt1, save_maps, save_series  # noqa: F401
-from .derivatives import BIDS_IGNORE_PATTERNS, BIDS_MAP_NAMES, BIDS_VERSION, bids_entities, check_bids_target, save_bids_derivatives  # noqa: F401
+from .derivatives import BIDS_IGNORE_PATTERNS, BIDS_MAP_NAMES, BIDS_VERSION, bids_entities, bids_prefix, check_bids_target, save_bids_derivatives, write_bids_description  # noqa: F401
 
 
 def load_series(path: str | os.PathLike, tis: Sequence[float] | None = None,

@@ -52,34 +52,71 @@ def bids_entities(paths: Iterable[str | os.PathLike]) -> dict[str, str]:
 def save_bids_derivatives(root: str | os.PathLike, maps: Mapping[str, Any], affine: Any,
                           sidecars: Mapping[str, Mapping] | None, *, subject: str, method: str, version: str,
                           session: str | None = None, sources: Iterable[str | os.PathLike] = (),
-                          overwrite: bool = False, protect: Iterable[str | os.PathLike] = ()) -> dict[str, Path]:
+                          overwrite: bool = False, protect: Iterable[str | os.PathLike] = (),
+                          entities: Mapping[str, str] | None = None) -> dict[str, Path]:
     """Write maps as a BIDS derivatives dataset rooted at ``root``.
 
     Files: ``root/dataset_description.json`` (DatasetType "derivative", GeneratedBy qmri-diffusor with
     ``version`` and the method) and ``root/sub-<subject>[/ses-<session>]/anat/
-    sub-<subject>[_ses-<session>]_desc-<method>[Std]_<suffix>.nii.gz`` with JSON sidecars (units, method,
-    software version, protocol, ``Sources``), suffixes from :data:`BIDS_MAP_NAMES`. Several methods and
-    subjects share one dataset; files that already exist need ``overwrite``. Written atomically."""
+    sub-<subject>[_ses-<session>][_<key>-<value>...]_desc-<method>[Std]_<suffix>.nii.gz`` with JSON
+    sidecars (units, method, software version, protocol, ``Sources``), suffixes from
+    :data:`BIDS_MAP_NAMES`; ``entities`` are the source's other entities (acq, run, ...: key -> label, in
+    BIDS order). Several methods and subjects share one dataset; files that already exist need
+    ``overwrite``. Written atomically."""
     out = Path(root).expanduser()
     check_bids_target(out, subject, session, method)
     unknown = sorted(set(maps) - set(BIDS_MAP_NAMES))
     if unknown:
         raise InputError(f"{out}: no BIDS name for maps {unknown}")
-    prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "")
+    prefix = bids_prefix(subject, session, entities, where=str(out))
     folder = out / f"sub-{subject}" / (f"ses-{session}" if session else "") / "anat"
     folder = Path(os.path.normpath(folder))
-    desc_path = out / "dataset_description.json"
-    desc = _read_json(desc_path) if desc_path.exists() else {}
-    links = dict(desc.get("DatasetLinks", {}))
-    uris, others = _bids_source_uris(sources, links)
-    provenance = ({"Sources": uris} if uris else {}) | ({"qMRISourceFiles": others} if others else {})
+    desc, ignored, provenance = _description(out, method, version, sources)
     names = {stem: f"{prefix}_desc-{method}{BIDS_MAP_NAMES[stem][1]}_{BIDS_MAP_NAMES[stem][0]}" for stem in maps}
     bmaps = {names[k]: v for k, v in maps.items()}
     bside = {names[k]: {**dict(v), **provenance} for k, v in (sidecars or {}).items()}
     existing = [folder / f"{n}{ext}" for n in bmaps for ext in (".nii.gz", ".json") if (folder / f"{n}{ext}").exists()]
     if existing and not overwrite:
         raise InputError(f"{existing[0]}: exists; pass --overwrite")
+    # the description first: maps are never left in a folder that does not say what made them
+    _write_description(out, desc, ignored)
+    written = save_maps(folder, bmaps, affine, bside, overwrite=True, protect=protect)
+    return {stem: written[names[stem]] for stem in maps}
 
+
+def bids_prefix(subject: str, session: str | None = None, entities: Mapping[str, str] | None = None,
+                where: str = "BIDS") -> str:
+    """``sub-<subject>[_ses-<session>][_<key>-<value>...]``: the name prefix of a derivative file."""
+    parts = [f"sub-{subject}"] + ([f"ses-{session}"] if session else [])
+    for key, label in (entities or {}).items():
+        if not re.fullmatch(r"[a-z]+", str(key)) or key in ("sub", "ses", "desc", "inv"):
+            raise InputError(f"{where}: not a BIDS entity for a derivative's name: {key!r}")
+        if not _BIDS_LABEL_RE.match(str(label)):
+            raise InputError(f"{where}: BIDS {key} label must be letters and digits, got {label!r}")
+        parts.append(f"{key}-{label}")
+    return "_".join(parts)
+
+
+def write_bids_description(root: str | os.PathLike, method: str, version: str,
+                           sources: Iterable[str | os.PathLike] = (), ignore: Iterable[str] = ()) -> None:
+    """Create or update ``root/dataset_description.json`` (GeneratedBy this version and method, DatasetLinks
+    to the datasets of ``sources``) and ``root/.bidsignore`` (:data:`BIDS_IGNORE_PATTERNS` and ``ignore``)
+    as :func:`save_bids_derivatives` does, without writing maps (atomically; nothing else changes)."""
+    out = Path(root).expanduser()
+    check_bids_target(out, None, None, method)
+    desc, ignored, _ = _description(out, method, version, sources)
+    ignored += [pat for pat in ignore if pat not in ignored]
+    _write_description(out, desc, ignored)
+
+
+def _description(out: Path, method: str, version: str, sources: Iterable[str | os.PathLike]) -> tuple[dict, list, dict]:
+    """The updated dataset description and .bidsignore lines of the derivatives dataset ``out``, and the
+    provenance keys of a sidecar of ``sources`` (BIDS URIs through its DatasetLinks)."""
+    desc_path = out / "dataset_description.json"
+    desc = _read_json(desc_path) if desc_path.exists() else {}
+    links = dict(desc.get("DatasetLinks", {}))
+    uris, others = _bids_source_uris(sources, links)
+    provenance = ({"Sources": uris} if uris else {}) | ({"qMRISourceFiles": others} if others else {})
     generated = {"Name": "qmri-diffusor", "Version": version,
                  "Description": f"T1, PD and inversion-efficiency maps from inversion-recovery images ({method})"}
     if desc:
@@ -95,12 +132,20 @@ def save_bids_derivatives(root: str | os.PathLike, maps: Mapping[str, Any], affi
     ignore_path = out / ".bidsignore"
     ignored = ignore_path.read_text().splitlines() if ignore_path.exists() else []
     ignored += [pat for pat in BIDS_IGNORE_PATTERNS if pat not in ignored]
-    # the description first: maps are never left in a folder that does not say what made them
-    out.mkdir(parents=True, exist_ok=True)
-    _write_files_atomically([(desc_path, lambda t: t.write_text(_json_text(desc, str(desc_path)))),
-                             (ignore_path, lambda t: t.write_text("\n".join(ignored) + "\n"))], str(desc_path))
-    written = save_maps(folder, bmaps, affine, bside, overwrite=True, protect=protect)
-    return {stem: written[names[stem]] for stem in maps}
+    return desc, ignored, provenance
+
+
+def _write_description(out: Path, desc: dict, ignored: list) -> None:
+    """Write the description and .bidsignore where their content changes (atomically; unchanged files are
+    left as they are)."""
+    desc_path, ignore_path = out / "dataset_description.json", out / ".bidsignore"
+    texts = {desc_path: _json_text(desc, str(desc_path)), ignore_path: "\n".join(ignored) + "\n"}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        changed = [(p, t) for p, t in texts.items() if not p.is_file() or p.read_text() != t]
+    except OSError as e:
+        raise InputError(f"{out}: cannot create folder ({type(e).__name__}: {e})") from e
+    _write_files_atomically([(p, lambda f, t=t: f.write_text(t)) for p, t in changed], str(desc_path))
 
 
 

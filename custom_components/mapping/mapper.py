@@ -17,7 +17,9 @@ from ..io import InputError, IRSeries
 from .results import FLAG_ALPHA, MappingResult
 
 def _classical(series: IRSeries, mask: np.ndarray | None, noise: str = "rician", sigma: float | None = None,
-               n_coils: int = 1, progress: bool = True, **_) -> MappingResult:
+               n_coils: int = 1, progress: bool = True, device: str = "cpu", **_) -> MappingResult:
+    """The plain fit (:class:`InversionRecoveryModel`) of every masked voxel of the series (a slice or a whole
+    volume), on ``device`` (cpu, cuda, cuda:N)."""
     data = series.data
     info: dict = {"noise": noise, "n_coils": int(n_coils)}
     if noise in ("rician", "ncchi") and sigma is None:
@@ -37,8 +39,8 @@ def _classical(series: IRSeries, mask: np.ndarray | None, noise: str = "rician",
         mask = signal_mask(data, sigma=sigma if sigma else None, n_coils=coils)
         info["mask"] = ("automatic: max over TIs above 5 sigma" + (f" above the noise floor of {coils} coils" if coils > 1 else "")
                         if sigma else "automatic: max over TIs above 5 % of the robust maximum")
-    fit = InversionRecoveryModel(series.protocol).fit(data, mask=mask, noise=noise, sigma=sigma,
-                                                      n_coils=n_coils, progress=progress)
+    fit = InversionRecoveryModel(series.protocol, device=device).fit(data, mask=mask, noise=noise, sigma=sigma,
+                                                                     n_coils=n_coils, progress=progress)
     return MappingResult(maps={"T1": fit.t1, "PD": fit.pd, "B": fit.b, "residual": fit.residual}, mask=mask,
                          info={**info, **fit.info})
 
@@ -54,14 +56,14 @@ def _ls(series, mask, **kw):
 
 
 def _tv(series: IRSeries, mask: np.ndarray | None, noise: str = "rician", sigma: float | None = None,
-        n_coils: int = 1, progress: bool = True, tv_weight: float | None = None, **_) -> MappingResult:
+        n_coils: int = 1, progress: bool = True, tv_weight: float | None = None, device: str = "cpu", **_) -> MappingResult:
     """The TV-regularised ML fit (:mod:`custom_components.methods.regularised`), started from the plain fit."""
     from ..methods.regularised import DEFAULT_TV_WEIGHT, TVRegularisedModel
 
     w = DEFAULT_TV_WEIGHT if tv_weight is None else float(tv_weight)
     if not np.isfinite(w) or w < 0:
         raise InputError(f"--tv_weight must be a number >= 0, got {tv_weight!r}")
-    plain = _classical(series, mask, noise=noise, sigma=sigma, n_coils=n_coils, progress=progress)
+    plain = _classical(series, mask, noise=noise, sigma=sigma, n_coils=n_coils, progress=progress, device=device)
     fit_noise = plain.info["noise"]  # gaussian where no background gave sigma
     init = IRFit(t1=plain.maps["T1"], pd=plain.maps["PD"], b=plain.maps["B"], residual=plain.maps["residual"],
                  mask=plain.mask, protocol=series.protocol, info=dict(plain.info))
@@ -110,6 +112,10 @@ def map_series(series: IRSeries, method: str = "mle", mask: np.ndarray | None = 
     return add_consistency_maps(res, series, sigma=options.get("sigma"), alpha=flag_alpha)
 
 
+#: voxels per block of the consistency maps (a few (block, N) float64 temporaries: tens of MB)
+CONSISTENCY_CHUNK_VOXELS = 1 << 18
+
+
 def add_consistency_maps(result: MappingResult, series: IRSeries, sigma: float | None = None,
                          alpha: float = FLAG_ALPHA) -> MappingResult:
     """Add the physics-consistency maps (no ground truth needed) to ``result`` in place and return it.
@@ -140,8 +146,15 @@ def add_consistency_maps(result: MappingResult, series: IRSeries, sigma: float |
         out[mask] = values
         return out
 
+    def chunked(fn, *args, **kw) -> np.ndarray:
+        """fn over blocks of voxels: bounded temporaries for whole volumes."""
+        step = CONSISTENCY_CHUNK_VOXELS
+        parts = [fn(data[s:s + step], t1[s:s + step], pd[s:s + step], b[s:s + step], series.protocol, *args, **kw)
+                 for s in range(0, len(data), step)]
+        return np.concatenate(parts) if parts else np.zeros(0)
+
     if "residual" not in result.maps:
-        result.maps["residual"] = full(residual_rms(data, t1, pd, b, series.protocol))
+        result.maps["residual"] = full(chunked(residual_rms))
     n_coils = int(result.info.get("n_coils", 1) or 1)
     if result.info.get("noise") == "ncchi" and n_coils > 1:
         result.info["flag_note"] = (f"no consistency flag: root-sum-of-squares data of {n_coils} coils "
@@ -159,7 +172,7 @@ def add_consistency_maps(result: MappingResult, series: IRSeries, sigma: float |
     if not (np.isfinite(sig) and sig > 0):
         result.info["flag_note"] = f"no consistency flag: noise level {sig!r} is not positive"
         return result
-    flag = residual_flag(data, t1, pd, b, series.protocol, float(sig), alpha=alpha)
+    flag = chunked(residual_flag, float(sig), alpha=alpha).astype(bool)
     result.maps["flag"] = full(flag.astype(np.float32))
     result.info["flag_alpha"] = float(alpha)
     result.info["flag_sigma"] = float(sig)

@@ -62,7 +62,7 @@ def rician_mean(nu: np.ndarray, sigma: float) -> np.ndarray:
 
     x = -np.asarray(nu, dtype=float) ** 2 / (2 * sigma**2)
     # L_{1/2}(x) = e^{x/2} [(1 - x) I0(-x/2) - x I1(-x/2)], with exponentially scaled Bessels
-    lag = (1 - x) * special.ive(0, -x / 2) - x * special.ive(1, -x / 2)
+    lag = (1 - x) * special.i0e(-x / 2) - x * special.i1e(-x / 2)  # i0e, i1e: ive(0), ive(1), much faster
     return sigma * np.sqrt(np.pi / 2) * lag
 
 

@@ -511,13 +511,17 @@ def from_bids_sidecars(sidecars: Sequence[dict], *, echo_spacing_s: float | None
 
 
 def from_dicom_headers(datasets: Sequence, *, echo_spacing_s: float | None = None,
-                       echo_train_length: int | None = None) -> Protocol:
+                       echo_train_length: int | None = None,
+                       header_fields: Mapping[str, str] | None = None) -> Protocol:
     """A protocol from pydicom datasets sorted by TI (DICOM gives times in ms; converted to s).
 
     The echo train length is the standard EchoTrainLength (0018,0091); the standard MR image header
     has no echo spacing of a spin-echo train, and vendors' private fields are not read: the echo
     spacing is ``echo_spacing_s`` (``qmri map --echo_spacing``) or else EchoTime (0018,0081), its upper
-    bound (see :func:`_from_header_values`)."""
+    bound (see :func:`_from_header_values`). Each TR (0018,0080) goes with its image's TI: a TR that
+    changes with TI gives one TR per image. ``header_fields`` renames where the values came from in
+    :attr:`Protocol.timing_sources` (keys ``TI``, ``TR``, ``TE``, ``ETL``): the DICOM reader gives the
+    frames of an Enhanced MR file as classic datasets whose values come from functional groups."""
     def ms(ds, kw):
         v = ds.get(kw)
         return None if v in (None, "") else float(v) / 1000.0
@@ -532,7 +536,8 @@ def from_dicom_headers(datasets: Sequence, *, echo_spacing_s: float | None = Non
                                [ms(ds, "EchoTime") for ds in datasets], [ds.get("EchoTrainLength") for ds in datasets],
                                [ds.get("MagneticFieldStrength") for ds in datasets], "dicom",
                                {"TI": "DICOM InversionTime (0018,0082)", "TR": "DICOM RepetitionTime (0018,0080)",
-                                "TE": "DICOM EchoTime (0018,0081)", "ETL": "DICOM EchoTrainLength (0018,0091)"},
+                                "TE": "DICOM EchoTime (0018,0081)", "ETL": "DICOM EchoTrainLength (0018,0091)",
+                                **(header_fields or {})},
                                echo_spacing_s=echo_spacing_s, echo_train_length=echo_train_length)
 
 
