@@ -137,12 +137,14 @@ def residual_chi2(data, t1_s, pd, b, protocol: Protocol, sigma, noise: str = "ri
 
 
 def flag_threshold(n_images: int, alpha: float = 1e-3) -> float:
-    """chi2.ppf(1 - alpha, N): the X^2 above which a voxel is flagged (dimensionless)."""
-    from scipy.stats import chi2
+    """chi2.ppf(1 - alpha, N): the X^2 above which a voxel is flagged (dimensionless), as 2 P^-1(N / 2, 1 - alpha)
+    with the inverse regularised lower incomplete gamma function (scipy.special: no scipy.stats import, which
+    costs a command line 0.6 s)."""
+    from scipy import special
 
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-    return float(chi2.ppf(1.0 - alpha, int(n_images)))
+    return float(2.0 * special.gammaincinv(0.5 * int(n_images), 1.0 - alpha))
 
 
 def residual_flag(data, t1_s, pd, b, protocol: Protocol, sigma, alpha: float = 1e-3,

@@ -43,6 +43,8 @@ from scipy import special
 from ..physics.protocol import Protocol
 
 T1_GRID_RANGE_S = (0.004, 12.0)
+#: voxels per block of the grid search (measured fastest on a 2-core CPU: 4096, 1.5 us per voxel; 16384: 2.2 us)
+GRID_BLOCK_VOXELS = 4096
 
 
 @dataclass
@@ -423,7 +425,9 @@ class InversionRecoveryModel:
             scale = yv.abs().amax(dim=1)
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
             yv = yv / scale[:, None]
-            k1, g1, k2, g2 = self._grid_search_t(yv)
+            # the grid search in blocks small enough for the projections (block x 2 (N + 1) n_grid) to stay in cache
+            parts = [self._grid_search_t(yv[i:i + GRID_BLOCK_VOXELS]) for i in range(0, len(yv), GRID_BLOCK_VOXELS)]
+            k1, g1, k2, g2 = (torch.cat(x) for x in zip(*parts))
             yt = yv.T.contiguous()  # (N, V)
             grid_u = self._grid_u_t
             sg = self._signs_t(k1)
@@ -457,7 +461,7 @@ class InversionRecoveryModel:
     # ------------------------------------------------------------------ public
     def fit(self, data: np.ndarray, mask: np.ndarray | None = None, noise: str = "gaussian",
             sigma: float | np.ndarray | None = None, n_coils: int = 1, n_ml_iter: int = 30,
-            chunk_size: int = 16384, progress: bool = False) -> IRFit:
+            chunk_size: int = 131072, progress: bool = False) -> IRFit:
         """Fit every voxel of ``data`` (..., N) (inversion on the last axis, magnitude): a slice or a whole
         volume, in blocks of ``chunk_size`` voxels (memory: the data, the maps and a few MB per block).
 
