@@ -266,7 +266,8 @@ class QMRI:
             written = save_bids_derivatives(out, output_arrays(res), series.affine, sidecars_for(res, series, method),
                                             subject=str(sub), session=None if ses is None else str(ses), method=method,
                                             version=__version__, sources=series.files or [input],
-                                            overwrite=overwrite, protect=series.files)
+                                            overwrite=overwrite, protect=series.files,
+                                            spatial_codes=series.spatial_codes)
         else:
             from .mapping.runner import write_result  # the bundles' inference.json writes with it too
 

@@ -93,7 +93,7 @@ def test_bad_input_one_line_error_and_no_output(tmp_path, capsys, case, args, me
 def test_a_volume_is_mapped_whole_with_its_affine(tmp_path):
     """A multi-slice series (24 x 24 x 5, an oblique affine) is mapped in one call: every slice gets the
     maps of its own T1 (a different T1 per slice, known answer within 1 %), and the maps keep the
-    input's affine."""
+    input's affine and its sform / qform codes."""
     p = paper_protocol()
     t1 = np.array([0.3, 0.6, 0.9, 1.2, 1.5])
     maps = torch.zeros(3, 24, 24, 5, dtype=torch.float64)
@@ -103,11 +103,15 @@ def test_a_volume_is_mapped_whole_with_its_affine(tmp_path):
     img = signal(maps, p, dim=0).numpy() + 0.002 * np.random.default_rng(1).rayleigh(size=(7, 24, 24, 5))
     affine = np.array([[0.9, 0.1, 0, -100], [-0.1, 0.9, 0, -120], [0, 0, 3.0, 20], [0, 0, 0, 1]])
     save_series(tmp_path / "vol.nii.gz", img.transpose(1, 2, 3, 0), affine, p)
+    src = nib.load(tmp_path / "vol.nii.gz")  # registered to an anatomical image: sform code 2 (aligned)
+    src.set_sform(affine, code=2)
+    nib.save(nib.Nifti1Image(np.asarray(src.dataobj), affine, src.header), tmp_path / "vol.nii.gz")
     out = tmp_path / "maps"
     assert main(["map", str(tmp_path / "vol.nii.gz"), "--out", str(out), "--quiet"]) == 0
     nii = nib.load(out / "T1map.nii.gz")
     assert nii.shape == (24, 24, 5)
     np.testing.assert_allclose(nii.affine, affine, atol=1e-5)
+    assert (int(nii.header["sform_code"]), int(nii.header["qform_code"])) == (2, 1)  # the input's header codes
     np.testing.assert_allclose(np.median(nii.get_fdata()[4:-4, 4:-4], axis=(0, 1)), t1, rtol=0.01)
 
 

@@ -53,7 +53,8 @@ def save_bids_derivatives(root: str | os.PathLike, maps: Mapping[str, Any], affi
                           sidecars: Mapping[str, Mapping] | None, *, subject: str, method: str, version: str,
                           session: str | None = None, sources: Iterable[str | os.PathLike] = (),
                           overwrite: bool = False, protect: Iterable[str | os.PathLike] = (),
-                          entities: Mapping[str, str] | None = None) -> dict[str, Path]:
+                          entities: Mapping[str, str] | None = None,
+                          spatial_codes: tuple[int, int] = (1, 1)) -> dict[str, Path]:
     """Write maps as a BIDS derivatives dataset rooted at ``root``.
 
     Files: ``root/dataset_description.json`` (DatasetType "derivative", GeneratedBy qmri-diffusor with
@@ -80,7 +81,7 @@ def save_bids_derivatives(root: str | os.PathLike, maps: Mapping[str, Any], affi
         raise InputError(f"{existing[0]}: exists; pass --overwrite")
     # the description first: maps are never left in a folder that does not say what made them
     _write_description(out, desc, ignored)
-    written = save_maps(folder, bmaps, affine, bside, overwrite=True, protect=protect)
+    written = save_maps(folder, bmaps, affine, bside, overwrite=True, protect=protect, spatial_codes=spatial_codes)
     return {stem: written[names[stem]] for stem in maps}
 
 

@@ -21,6 +21,17 @@ _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 
+
+def nifti_spatial_codes(img) -> tuple[int, int]:
+    """(sform_code, qform_code) of a NIfTI image: where its affine points (1 scanner, 2 aligned, 3 Talairach,
+    4 MNI, 5 template); maps written from it keep them (:func:`custom_components.io.writing.save_maps`)."""
+    hdr = getattr(img, "header", None)
+    try:
+        return int(hdr["sform_code"]), int(hdr["qform_code"])
+    except (KeyError, TypeError, ValueError):
+        return 1, 1
+
+
 def _is_nifti_name(name: str) -> bool:
     return name.lower().endswith(_NIFTI_SUFFIXES)
 
@@ -180,7 +191,7 @@ def _load_nifti_4d(p: Path, tis, tr, signed: bool, echo_spacing=None, etl=None) 
                               echo_spacing=echo_spacing, etl=etl, sources=given)
     flagged = signed or _sidecar_marks_real(sidecar)
     return _finish(data, np.asarray(img.affine, float), protocol, str(p), notes, files,
-                   negatives="magnitude" if flagged else "error")
+                   negatives="magnitude" if flagged else "error", spatial_codes=nifti_spatial_codes(img))
 
 
 
@@ -276,7 +287,7 @@ def _irt1_group_by_prefix(p: Path) -> list[Path] | None:
 def _load_bids_irt1(paths: list[Path], source: Path, tis, tr, signed: bool, echo_spacing=None, etl=None) -> IRSeries:
     notes: list[str] = [f"BIDS IRT1 collection of {len(paths)} files"]
     files: list[str] = []
-    images, affines, sidecars, inv_index = [], [], [], []
+    images, affines, sidecars, inv_index, codes = [], [], [], [], []
     for f in paths:
         match = _IRT1_RE.match(f.name)
         assert match is not None  # paths come from _irt1_groups
@@ -307,6 +318,7 @@ def _load_bids_irt1(paths: list[Path], source: Path, tis, tr, signed: bool, echo
             raise InputError(f"{f}: affine differs from {paths[0].name}'s (images are not on one grid)")
         images.append(data)
         affines.append(np.asarray(img.affine, float))
+        codes.append(nifti_spatial_codes(img))
         sidecars.append(dict(sc, InversionTime=ti_vals[0]))
         inv_index.append(inv)
         files += [str(f), str(sc_path)]
@@ -341,4 +353,4 @@ def _load_bids_irt1(paths: list[Path], source: Path, tis, tr, signed: bool, echo
                                        else f"sidecar {tr_key}"})
     flagged = signed or any(_sidecar_marks_real(sc) for sc in sidecars)
     return _finish(data, affines[0], protocol, str(source), notes, files,
-                   negatives="magnitude" if flagged else "error")
+                   negatives="magnitude" if flagged else "error", spatial_codes=codes[0])

@@ -41,6 +41,8 @@ class IRSeries:
         source: the path the series was read from.
         notes: what the reader did that a user should know (e.g. "signed real data: magnitude taken").
         files: every file that was read (pass them as ``protect`` to :func:`save_maps`).
+        spatial_codes: the NIfTI (sform_code, qform_code) the affine came with, which the maps keep (1 =
+            scanner, 2 = aligned, 3 = Talairach, 4 = MNI, 5 = template; DICOM: scanner).
     """
 
     data: np.ndarray
@@ -49,6 +51,7 @@ class IRSeries:
     source: str
     notes: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    spatial_codes: tuple[int, int] = (1, 1)
 
     def __post_init__(self) -> None:
         self.data = np.asarray(self.data, dtype=np.float64)
@@ -78,7 +81,7 @@ class IRSeries:
 
 
 def _finish(data: np.ndarray, affine: np.ndarray, protocol: Protocol, source: str, notes: list[str],
-            files: list[str], negatives: str) -> IRSeries:
+            files: list[str], negatives: str, spatial_codes: tuple[int, int] = (1, 1)) -> IRSeries:
     """Value checks common to all readers, then the IRSeries.
 
     negatives: "error" (magnitude data must not be negative), "magnitude" (signed data: take |x| and
@@ -110,4 +113,5 @@ def _finish(data: np.ndarray, affine: np.ndarray, protocol: Protocol, source: st
         if lo == hi:
             what = "all zero" if hi == 0 else f"constant ({hi:g})"
             raise InputError(f"{source}: the image at TI = {t:g} s is {what}")
-    return IRSeries(data=data, affine=affine, protocol=protocol, source=source, notes=notes, files=files)
+    return IRSeries(data=data, affine=affine, protocol=protocol, source=source, notes=notes, files=files,
+                    spatial_codes=spatial_codes)

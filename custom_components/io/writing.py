@@ -47,11 +47,14 @@ def _json_text(d: Mapping, what: str) -> str:
 
 
 
-def _nifti_image(data: np.ndarray, affine: np.ndarray):
-    """Float32 NIfTI-1 image with sform and qform set to the (scanner) affine, units mm and s."""
+def _nifti_image(data: np.ndarray, affine: np.ndarray, spatial_codes: tuple[int, int] = (1, 1)):
+    """Float32 NIfTI-1 image with sform and qform set to the affine, units mm and s. ``spatial_codes``: the
+    input's (sform_code, qform_code); a 0 (unset) takes the other one's, both 0 give 1 (scanner)."""
     img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
+    sform, qform = (int(c) if 0 <= int(c) <= 5 else 0 for c in spatial_codes)
+    sform = sform or qform or 1
+    img.set_sform(affine, code=sform)
+    img.set_qform(affine, code=qform or sform)
     img.header.set_xyzt_units("mm", "sec")
     return img
 
@@ -117,7 +120,7 @@ _MAP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 def save_maps(out_dir: str | os.PathLike, maps: Mapping[str, Any], affine: Any,
               sidecars: Mapping[str, Mapping] | None = None, overwrite: bool = False,
-              protect: Iterable[str | os.PathLike] = ()) -> dict[str, Path]:
+              protect: Iterable[str | os.PathLike] = (), spatial_codes: tuple[int, int] = (1, 1)) -> dict[str, Path]:
     """Write maps as ``out_dir/{name}.nii.gz`` (float32) with ``out_dir/{name}.json`` sidecars.
 
     A new (or empty) ``out_dir`` is written complete into a hidden temporary folder beside it (same
@@ -134,6 +137,7 @@ def save_maps(out_dir: str | os.PathLike, maps: Mapping[str, Any], affine: Any,
         overwrite: allow writing into an existing non-empty folder (replacing same-named files).
         protect: paths that must never be written (the input files, e.g. ``IRSeries.files``); an
             output file or ``out_dir`` equal to one of them raises InputError.
+        spatial_codes: the NIfTI (sform_code, qform_code) of the input (``IRSeries.spatial_codes``).
 
     Returns:
         name -> path of the written NIfTI file.
@@ -177,7 +181,7 @@ def save_maps(out_dir: str | os.PathLike, maps: Mapping[str, Any], affine: Any,
     def writers(folder: Path) -> list[tuple[Path, Callable[[Path], None]]]:
         out_list: list[tuple[Path, Callable[[Path], None]]] = []
         for name, arr in arrays.items():
-            img = _nifti_image(arr, aff)
+            img = _nifti_image(arr, aff, spatial_codes)
             out_list.append((folder / f"{name}.nii.gz", lambda p, img=img: nib.save(img, str(p))))
             out_list.append((folder / f"{name}.json", lambda p, t=texts[name]: p.write_text(t)))
         return out_list

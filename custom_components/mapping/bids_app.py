@@ -270,7 +270,7 @@ def _map(col: Collection, bids_dir: Path, out: Path, method: str, options: dict,
     written = save_bids_derivatives(out, output_arrays(res), series.affine, sidecars_for(res, series, method),
                                     subject=col.subject, session=col.session, entities=dict(col.entities),
                                     method=method, version=__version__, sources=series.files, overwrite=True,
-                                    protect=series.files)
+                                    protect=series.files, spatial_codes=series.spatial_codes)
     folder = col.folder(out)
     files = [p for nii in written.values() for p in (nii, nii.with_name(nii.name[:-len(".nii.gz")] + ".json"))]
     _remove_leftovers(folder, col, method, [p.name for p in files] + [marker.name])

@@ -531,6 +531,31 @@ class BundleMapper:
             std = with_posterior_std(mean, std, img, sigma, protocol, self.inferer.data_consistency)
         return mean[0].numpy(), (None if std is None else std[0].numpy())
 
+    @torch.no_grad()
+    def map_slices(self, images: np.ndarray, sigma: float | None = None, protocol=None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(Z, N, H, W) -> maps (Z, 3, H, W) and, for the Diffusor, their std (Z, 3, H, W): :meth:`map_slice`
+        for a stack of slices. The deterministic networks (ResNet, RIM) take the stack as one batch (each
+        slice with its own signal scale, as alone); the Diffusor, whose batch is its ensemble, and the
+        protocol-free models go slice by slice."""
+        from ..methods.scaling import signal_scale
+
+        if self.method == "diffusor" or self.map_prior or self.crlb_condition:
+            res = [self.map_slice(im, sigma, protocol) for im in images]
+            return np.stack([r[0] for r in res]), (None if res[0][1] is None else np.stack([r[1] for r in res]))
+        img = torch.as_tensor(np.asarray(images, dtype=np.float32))  # (Z, N, H, W)
+        if protocol is None:
+            protocol = self.network.protocol if self.method == "rim" else self.protocol
+        s = signal_scale(img)  # (Z,)
+        cond = torch.cat([self._conditioner({"image": img[z:z + 1], "scale": s[z:z + 1]})["cond"][0][None]
+                          for z in range(len(img))]).to(self.device)
+        if self.method == "rim":
+            sig = torch.full((len(img),), float("nan") if sigma is None else float(sigma)) / s
+            pred = self.network(cond, sigma=sig.to(self.device))
+        else:
+            pred = self.network(cond)
+        mean, _ = decode_prediction(pred, s, protocol, labels_physical=self.protocol_free)
+        return mean.numpy(), None
+
     def prior_condition(self, images: torch.Tensor, protocol) -> tuple[torch.Tensor, torch.Tensor]:
         """A map prior's inputs for one slice (N, H, W): the scale (1,) (:func:`custom_components.methods.scaling.map_scale`
         of the classical fit's PD over the voxels with signal) and [images / scale, the fit in network
@@ -666,19 +691,29 @@ def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, met
     shape = data.shape[:3]
     keys = ("T1", "PD", "B") + (("T1_std", "PD_std", "B_std") if method == "diffusor" else ())
     out = {k: np.zeros(shape, dtype=np.float32) for k in keys}
-    zs = range(shape[2])
+    bar = None
     if progress:
         from tqdm.auto import tqdm
-        zs = tqdm(zs, desc=method, unit="slice")
-    for z in zs:
-        mean, std = mapper.map_slice(np.moveaxis(data[:, :, z, :], -1, 0), sigma, series.protocol)
-        for i, k in enumerate(("T1", "PD", "B")):
-            out[k][:, :, z] = np.where(mask[:, :, z], mean[i], 0)
-            if std is not None:
-                out[k + "_std"][:, :, z] = np.where(mask[:, :, z], std[i], 0)
+        bar = tqdm(total=shape[2], desc=method, unit="slice")
+    for z0 in range(0, shape[2], SLICE_BATCH):  # a volume in batches of slices: bounded memory
+        zs = slice(z0, min(z0 + SLICE_BATCH, shape[2]))
+        means, stds = mapper.map_slices(np.moveaxis(data[:, :, zs, :], (2, 3), (0, 1)), sigma, series.protocol)
+        for j, z in enumerate(range(zs.start, zs.stop)):
+            for i, k in enumerate(("T1", "PD", "B")):
+                out[k][:, :, z] = np.where(mask[:, :, z], means[j, i], 0)
+                if stds is not None:
+                    out[k + "_std"][:, :, z] = np.where(mask[:, :, z], stds[j, i], 0)
+        if bar is not None:
+            bar.update(zs.stop - zs.start)
+    if bar is not None:
+        bar.close()
     if method == "diffusor":
         calibrate_std(out, mapper.weights_path, info)
     return MappingResult(maps=out, mask=np.asarray(mask, bool), info=info)
+
+
+#: slices per batch of the deterministic networks (ResNet, RIM) when a volume is mapped
+SLICE_BATCH = 8
 
 
 def map_series_with_diffusor(series: IRSeries, mask: np.ndarray | None = None, **kw):

@@ -37,7 +37,7 @@ def write_result(out: str | Path, result: MappingResult, series: IRSeries, metho
                  protect=()) -> dict[str, Path]:
     """Write the maps of ``result`` with their sidecars into ``out`` (all or nothing: :func:`save_maps`)."""
     return save_maps(out, output_arrays(result), series.affine, sidecars_for(result, series, method),
-                     overwrite=overwrite, protect=protect or ())
+                     overwrite=overwrite, protect=protect or (), spatial_codes=series.spatial_codes)
 
 
 class SaveMapsHandler:
