@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from custom_components.data.synthesis import Effects, brain_scene, render
-from custom_components.methods.fitting import InversionRecoveryModel, signal_mask
+from custom_components.methods.fitting import PRECISE_FIT, InversionRecoveryModel, signal_mask
 from custom_components.methods.regularised import fit_tv
 from custom_components.physics.image_formation import smooth_inversion_efficiency
 from custom_components.physics.protocol import get_protocol
@@ -49,7 +49,7 @@ def main(argv=None) -> None:
             mask = out["mask"].numpy() & signal_mask(y, sigma)  # what qmri map fits (signal above 5 sigma)
             score = mask & np.asarray(scene["mask"], dtype=bool)  # brain tissue
             t = time.perf_counter()
-            plain = InversionRecoveryModel(prot).fit(y, mask=mask, noise="rician", sigma=sigma)
+            plain = InversionRecoveryModel(prot, **PRECISE_FIT).fit(y, mask=mask, noise="rician", sigma=sigma)  # TV's start
             fits = {"plain": (plain, time.perf_counter() - t)}
             for w in weights:
                 t = time.perf_counter()

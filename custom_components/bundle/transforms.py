@@ -50,12 +50,11 @@ class ClassicalFitd(MapTransform):
     def __init__(self, protocol="paper", image_key: str = "image", out_key: str = "fit", threshold: float = 0.03,
                  t1_max_s: float = 10.0):
         super().__init__([image_key])
-        from ..methods.fitting import InversionRecoveryModel
+        from ..methods.fitting import PRECISE_FIT, InversionRecoveryModel
 
-        # the condition the shipped models were trained on: 96 grid values, float64, refinement run to its end
-        # (not the default fit's coarse grid and float32 early stopping, whose stopping point in a flat valley, a T1
-        # the TIs do not determine, moves with the rounding of the input)
-        self.model = InversionRecoveryModel(get_protocol(protocol), n_grid=96, dtype=torch.float64, tol_ls=1e-9)
+        # the condition the shipped models were trained on (PRECISE_FIT: 96 grid values, float64, refinement run
+        # to its end; the default fit's stopping point in a flat valley moves with the rounding of the input)
+        self.model = InversionRecoveryModel(get_protocol(protocol), **PRECISE_FIT)
         self.image_key, self.out_key = image_key, out_key
         self.threshold, self.t1_max_s = threshold, t1_max_s
 

@@ -12,14 +12,14 @@ from typing import Callable
 
 import numpy as np
 
-from ..methods.fitting import InversionRecoveryModel, IRFit, estimate_noise_sigma, signal_mask
+from ..methods.fitting import PRECISE_FIT, InversionRecoveryModel, IRFit, estimate_noise_sigma, signal_mask
 from ..io import InputError, IRSeries
 from .results import FLAG_ALPHA, MappingResult
 
 def _classical(series: IRSeries, mask: np.ndarray | None, noise: str = "rician", sigma: float | None = None,
-               n_coils: int = 1, progress: bool = True, device: str = "cpu", **_) -> MappingResult:
+               n_coils: int = 1, progress: bool = True, device: str = "cpu", precise: bool = False, **_) -> MappingResult:
     """The plain fit (:class:`InversionRecoveryModel`) of every masked voxel of the series (a slice or a whole
-    volume), on ``device`` (cpu, cuda, cuda:N)."""
+    volume), on ``device`` (cpu, cuda, cuda:N); ``precise``: with :data:`PRECISE_FIT` (the TV fit's start)."""
     data = series.data
     info: dict = {"noise": noise, "n_coils": int(n_coils)}
     if noise in ("rician", "ncchi") and sigma is None:
@@ -39,7 +39,7 @@ def _classical(series: IRSeries, mask: np.ndarray | None, noise: str = "rician",
         mask = signal_mask(data, sigma=sigma if sigma else None, n_coils=coils)
         info["mask"] = ("automatic: max over TIs above 5 sigma" + (f" above the noise floor of {coils} coils" if coils > 1 else "")
                         if sigma else "automatic: max over TIs above 5 % of the robust maximum")
-    fit = InversionRecoveryModel(series.protocol, device=device).fit(data, mask=mask, noise=noise, sigma=sigma,
+    fit = InversionRecoveryModel(series.protocol, device=device, **(PRECISE_FIT if precise else {})).fit(data, mask=mask, noise=noise, sigma=sigma,
                                                                      n_coils=n_coils, progress=progress)
     return MappingResult(maps={"T1": fit.t1, "PD": fit.pd, "B": fit.b, "residual": fit.residual}, mask=mask,
                          info={**info, **fit.info})
@@ -63,7 +63,9 @@ def _tv(series: IRSeries, mask: np.ndarray | None, noise: str = "rician", sigma:
     w = DEFAULT_TV_WEIGHT if tv_weight is None else float(tv_weight)
     if not np.isfinite(w) or w < 0:
         raise InputError(f"--tv_weight must be a number >= 0, got {tv_weight!r}")
-    plain = _classical(series, mask, noise=noise, sigma=sigma, n_coils=n_coils, progress=progress, device=device)
+    # the start the TV weight was chosen with (docs/physics.md, scripts/tv_validation.py): a reproducible float64 fit
+    plain = _classical(series, mask, noise=noise, sigma=sigma, n_coils=n_coils, progress=progress, device=device,
+                       precise=True)
     fit_noise = plain.info["noise"]  # gaussian where no background gave sigma
     init = IRFit(t1=plain.maps["T1"], pd=plain.maps["PD"], b=plain.maps["B"], residual=plain.maps["residual"],
                  mask=plain.mask, protocol=series.protocol, info=dict(plain.info))

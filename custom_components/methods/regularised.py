@@ -57,7 +57,7 @@ from scipy import special
 
 from ..physics.protocol import Protocol
 from ..physics.signal_model import crlb, signed_signal
-from .fitting import IRFit, InversionRecoveryModel
+from .fitting import PRECISE_FIT, IRFit, InversionRecoveryModel
 
 #: Strength of the prior, in log-likelihood units per CRLB jump (see the module docstring).
 DEFAULT_TV_WEIGHT = 0.5
@@ -420,7 +420,7 @@ class TVRegularisedModel:
         if mask.shape != shape:
             raise ValueError(f"mask shape {mask.shape} does not match the image shape {shape}")
         if init is None:
-            init = InversionRecoveryModel(self.protocol).fit(data, mask=mask, noise=noise, sigma=sigma,
+            init = InversionRecoveryModel(self.protocol, **PRECISE_FIT).fit(data, mask=mask, noise=noise, sigma=sigma,
                                                              n_coils=int(n_coils), progress=progress)
         info = {"method": "tv", "noise": noise, "n_coils": int(n_coils) if noise == "ncchi" else 1, "tv_weight": self.tv_weight,
                 "tv_map_weights": dict(MAP_WEIGHTS), "tv_eps": TV_EPS, "init": init.info.get("method")}
