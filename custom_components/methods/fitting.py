@@ -294,18 +294,25 @@ class InversionRecoveryModel:
     def _basis_t(self, u: torch.Tensor, derivs: bool = True):
         """f1, f2 (and d1, d2 = their derivatives with respect to u = log T1), each (N, V), for u (V,)."""
         inv = torch.exp(-u)[None, :]  # 1 / T1
-        x_ti = self._ti_t * inv
+        ti, rec = self._timing(u.dtype)
+        x_ti = ti * inv
         e_ti = torch.exp(-x_ti)
-        if self._rec_t is None:  # full recovery: f1 = 1, f2 = -e^{-TI/T1}
+        if rec is None:  # full recovery: f1 = 1, f2 = -e^{-TI/T1}
             f1 = torch.ones_like(e_ti)
             return (f1, -e_ti, torch.zeros_like(e_ti), -x_ti * e_ti) if derivs else (f1, -e_ti)
-        x_rec = self._rec_t * inv
+        x_rec = rec * inv
         e_rec = torch.exp(-x_rec)
         f1, f2 = -torch.expm1(-x_rec), e_rec - e_ti  # 1 - e^{-x} without cancellation for long T1
         if not derivs:
             return f1, f2
         d_rec = x_rec * e_rec
         return f1, f2, -d_rec, d_rec - x_ti * e_ti
+
+    def _timing(self, dtype: torch.dtype):
+        """The TIs and recovery times (N, 1) (s) in ``dtype`` (float64 copies for the stalled voxels' redo)."""
+        if dtype == self.dtype:
+            return self._ti_t, self._rec_t
+        return self._ti_t.to(dtype), None if self._rec_t is None else self._rec_t.to(dtype)
 
     def _signs_t(self, k: torch.Tensor) -> torch.Tensor:
         """Polarity (N, V): the first k[v] images negative."""
@@ -403,15 +410,9 @@ class InversionRecoveryModel:
             return a, c, u, basis
         idx = torch.nonzero(stalled)[:, 0]
         d = torch.float64
-        saved = self._ti_t, self._rec_t
-        self._ti_t = self._ti_t.to(d)
-        self._rec_t = None if self._rec_t is None else self._rec_t.to(d)
-        try:
-            ml2 = None if ml is None else (ml[0][:, idx].to(d), (ml[1] if ml[1].shape[1] == 1 else ml[1][:, idx]).to(d), ml[2])
-            z2 = None if z is None else z[:, idx].to(d)
-            a2, c2, u2, b2, _ = self._lm_t(z2, a[idx].to(d), c[idx].to(d), u[idx].to(d), max(n_iter, 20), None, tol, ml2)
-        finally:
-            self._ti_t, self._rec_t = saved
+        ml2 = None if ml is None else (ml[0][:, idx].to(d), (ml[1] if ml[1].shape[1] == 1 else ml[1][:, idx]).to(d), ml[2])
+        z2 = None if z is None else z[:, idx].to(d)
+        a2, c2, u2, _, _ = self._lm_t(z2, a[idx].to(d), c[idx].to(d), u[idx].to(d), max(n_iter, 20), None, tol, ml2)
         a[idx], c[idx], u[idx] = a2.to(a.dtype), c2.to(a.dtype), u2.to(a.dtype)
         fresh = self._basis_t(u[idx])
         for x, x2 in zip(basis, fresh):
