@@ -531,6 +531,11 @@ class BundleMapper:
             std = with_posterior_std(mean, std, img, sigma, protocol, self.inferer.data_consistency)
         return mean[0].numpy(), (None if std is None else std[0].numpy())
 
+    @property
+    def batches_slices(self) -> bool:
+        """Whether :meth:`map_slices` runs the network on several slices at once (ResNet, RIM)."""
+        return not (self.method == "diffusor" or self.map_prior or self.crlb_condition)
+
     @torch.no_grad()
     def map_slices(self, images: np.ndarray, sigma: float | None = None, protocol=None) -> tuple[np.ndarray, np.ndarray | None]:
         """(Z, N, H, W) -> maps (Z, 3, H, W) and, for the Diffusor, their std (Z, 3, H, W): :meth:`map_slice`
@@ -539,7 +544,7 @@ class BundleMapper:
         protocol-free models go slice by slice."""
         from ..methods.scaling import signal_scale
 
-        if self.method == "diffusor" or self.map_prior or self.crlb_condition:
+        if not self.batches_slices:
             res = [self.map_slice(im, sigma, protocol) for im in images]
             return np.stack([r[0] for r in res]), (None if res[0][1] is None else np.stack([r[1] for r in res]))
         img = torch.as_tensor(np.asarray(images, dtype=np.float32))  # (Z, N, H, W)
@@ -695,8 +700,9 @@ def map_series_with_bundle(series: IRSeries, mask: np.ndarray | None = None, met
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=shape[2], desc=method, unit="slice")
-    for z0 in range(0, shape[2], SLICE_BATCH):  # a volume in batches of slices: bounded memory
-        zs = slice(z0, min(z0 + SLICE_BATCH, shape[2]))
+    batch = SLICE_BATCH if mapper.batches_slices else 1  # the Diffusor: a slice at a time, the bar moving with it
+    for z0 in range(0, shape[2], batch):  # a volume in batches of slices: bounded memory
+        zs = slice(z0, min(z0 + batch, shape[2]))
         means, stds = mapper.map_slices(np.moveaxis(data[:, :, zs, :], (2, 3), (0, 1)), sigma, series.protocol)
         for j, z in enumerate(range(zs.start, zs.stop)):
             for i, k in enumerate(("T1", "PD", "B")):

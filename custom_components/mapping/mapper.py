@@ -39,8 +39,8 @@ def _classical(series: IRSeries, mask: np.ndarray | None, noise: str = "rician",
         mask = signal_mask(data, sigma=sigma if sigma else None, n_coils=coils)
         info["mask"] = ("automatic: max over TIs above 5 sigma" + (f" above the noise floor of {coils} coils" if coils > 1 else "")
                         if sigma else "automatic: max over TIs above 5 % of the robust maximum")
-    fit = InversionRecoveryModel(series.protocol, device=device, **(PRECISE_FIT if precise else {})).fit(data, mask=mask, noise=noise, sigma=sigma,
-                                                                     n_coils=n_coils, progress=progress)
+    model = InversionRecoveryModel(series.protocol, device=device, **(PRECISE_FIT if precise else {}))
+    fit = model.fit(data, mask=mask, noise=noise, sigma=sigma, n_coils=n_coils, progress=progress)
     return MappingResult(maps={"T1": fit.t1, "PD": fit.pd, "B": fit.b, "residual": fit.residual}, mask=mask,
                          info={**info, **fit.info})
 
