@@ -122,17 +122,13 @@ def _check_map_flags(method, noise, n_coils, sigma, samples, steps, sampler, sym
     samples = None if samples is None else _int_flag(samples, "--samples", 1)
     steps = None if steps is None else _int_flag(steps, "--steps", 1)
     seed = None if seed is None else _int_flag(seed, "--seed", 0)
+    from .io.series import parse_device
+
     if method in _LEARNED:
-        from .bundle.training import parse_device
-
         parse_device(device)
-    elif device != "cpu":  # the fit runs in torch too (without importing the bundle machinery)
-        import re
-
+    elif parse_device(device, kinds=("cpu", "cuda")).type == "cuda":  # the fit runs in torch: cpu or cuda
         import torch
 
-        if not isinstance(device, str) or not re.fullmatch(r"cuda(:[0-9]{1,3})?", device):
-            raise InputError(f"--device for the {method} fit must be cpu, cuda or cuda:N, got {str(device)[:60]!r}")
         if not torch.cuda.is_available():
             raise InputError(f"--device {device}: no CUDA device is available to this torch ({torch.__version__})")
     return samples, steps, seed

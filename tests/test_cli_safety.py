@@ -16,7 +16,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bad_input_cases import INTERNAL_CASES, REPO, _map, _nifti, run_case  # noqa: E402
 
-from custom_components.bundle.training import check_weights_card, parse_device, read_weights_card, write_weights_card
+from custom_components.bundle.training import check_weights_card, read_weights_card, write_weights_card
+from custom_components.io.series import parse_device
 from custom_components.cli import QMRI, main
 from custom_components.io import InputError
 

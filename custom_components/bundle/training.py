@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -437,23 +436,6 @@ def read_weights_card(weights: str | os.PathLike) -> dict | None:
     return check_weights_card(card, str(path))
 
 
-#: The devices ``--device`` accepts: "cpu", "mps", "cuda" or "cuda:N".
-_DEVICE_FORM = re.compile(r"(cpu|mps|cuda(:[0-9]{1,3})?)")
-
-
-def parse_device(device) -> torch.device:
-    """``--device`` as a :class:`torch.device`: only the plain forms "cpu", "mps", "cuda" and "cuda:N"
-    (or a torch.device); anything else is refused with :class:`custom_components.io.InputError`. The value is
-    never pasted into a config expression."""
-    from ..io import InputError
-
-    if isinstance(device, torch.device):
-        return device
-    if not isinstance(device, str) or not _DEVICE_FORM.fullmatch(device):
-        raise InputError(f"--device must be cpu, mps, cuda or cuda:N, got {str(device)[:60]!r}")
-    return torch.device(device)
-
-
 def card_value(weights: str | os.PathLike, key: str, default=None):
     """``key`` of the weights card beside ``weights`` (``default`` when there is no card or no such
     key): lets an inference config take the variant from the weights it loads."""
@@ -472,4 +454,4 @@ def _as_bool(v) -> bool:
     return bool(v)
 
 
-__all__ = ["checkpoint_name", "rank_summary", "attach_progress_bar", "CARD_KEYS", "CONFIG_SIGILS", "check_weights_card", "parse_device", "write_weights_card", "read_weights_card", "card_value", "weights_card_path", "attach_checkpointing", "attach_gradient_clipping", "attach_lr_decay", "cosine_learning_rate", "init_from_weights", "adapt_input_channels", "read_weights", "load_weights", "CHECKPOINT_NAME"]
+__all__ = ["checkpoint_name", "rank_summary", "attach_progress_bar", "CARD_KEYS", "CONFIG_SIGILS", "check_weights_card", "write_weights_card", "read_weights_card", "card_value", "weights_card_path", "attach_checkpointing", "attach_gradient_clipping", "attach_lr_decay", "cosine_learning_rate", "init_from_weights", "adapt_input_channels", "read_weights", "load_weights", "CHECKPOINT_NAME"]

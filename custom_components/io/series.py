@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +26,25 @@ def nonnegative_number(value, flag: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise InputError(f"{flag} must be a number >= 0, got {value!r}")
     return float(value)
+
+
+#: The kinds of device ``--device`` accepts (the fit: cpu and cuda only).
+DEVICE_KINDS = ("cpu", "mps", "cuda")
+
+
+def parse_device(device, kinds: tuple[str, ...] = DEVICE_KINDS):
+    """``--device`` as a :class:`torch.device`: only the plain forms of ``kinds`` ("cpu", "mps", "cuda" and
+    "cuda:N"; or a torch.device); anything else is refused with :class:`InputError`. The value is never
+    pasted into a config expression."""
+    import torch
+
+    if isinstance(device, torch.device):
+        return device
+    form = "|".join(k + "(:[0-9]{1,3})?" if k == "cuda" else k for k in kinds)
+    if not isinstance(device, str) or not re.fullmatch(form, device):
+        names = [k for k in kinds if k != "cuda"] + (["cuda or cuda:N"] if "cuda" in kinds else [])
+        raise InputError(f"--device must be {', '.join(names)}, got {str(device)[:60]!r}")
+    return torch.device(device)
 
 
 

@@ -392,7 +392,7 @@ class BundleMapper:
         parser = ConfigParser()
         parser.read_config(str(cfg))
         parser["bundle_root"] = str(self.bundle_dir)
-        from ..bundle.training import parse_device
+        from ..io.series import parse_device
 
         parser["device"] = parse_device(device)  # a torch.device object, never text in a "$" expression
         for k, v in (overrides or {}).items():

@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from ..physics.protocol import Protocol
-from .fitting import cofactors_sym3, signal_threshold
+from .fitting import bessel_ratio, cofactors_sym3, signal_threshold, solve_sym3
 
 #: The default strength (relative prior width) of ``qmri map --method diffusor``, chosen on the validation
 #: half of the robustness suite only: docs/dc_validation.md (``scripts/dc_validation.py``; of 0.02-1, the
@@ -76,44 +76,6 @@ DEFAULT_CRLB_FACTOR = 0.0
 CRLB_DETERMINED = 0.10
 LOG_T1_BOUNDS = (np.log(0.002), np.log(24.0))  # s
 NOISE_MODELS = ("rician", "ncchi", "gaussian")
-RICIAN_ASYMPTOTIC_Z = 20.0  # above it :func:`bessel_ratio` (n = 1) uses its asymptotic series
-
-
-def _solve_sym3(h00, h01, h02, h11, h12, h22, b0, b1, b2):
-    """Solve the symmetric positive definite 3x3 systems H x = b voxel-wise by cofactors (torch; the
-    prior keeps H positive definite)."""
-    c00, c01, c02, c11, c12, c22, det = cofactors_sym3(h00, h01, h02, h11, h12, h22)
-    inv = 1.0 / det
-    return ((c00 * b0 + c01 * b1 + c02 * b2) * inv, (c01 * b0 + c11 * b1 + c12 * b2) * inv,
-            (c02 * b0 + c12 * b1 + c22 * b2) * inv)
-
-
-def bessel_ratio(n: int, z: torch.Tensor, terms: int = 8) -> torch.Tensor:
-    """I_n(z) / I_{n-1}(z) for z >= 0, elementwise in torch.
-
-    n = 1 (Rician): torch's exponentially scaled Bessel functions for z < ``RICIAN_ASYMPTOTIC_Z`` and the
-    asymptotic series 1 - 1/(2z) - 1/(8z^2) - 1/(8z^3) - 25/(128z^4) - 13/(32z^5) above (relative error
-    below 2e-8 there, under float32's resolution; torch's i0e is several times slower than i1e, and the
-    signal voxels of an image have z = y |s| / sigma^2 of order SNR^2, so most need no Bessel function).
-    n > 1 (noncentral chi): the ratio
-    r_v = I_{v+1}/I_v obeys r_v = z / (2 (v + 1) + z r_{v+1}) (from I_v - I_{v+2} = 2 (v + 1) I_{v+1} / z),
-    a backward recurrence that is stable for this minimal solution; it is started ``terms`` orders
-    above from the midpoint of Amos' (1974) bounds z / (v + 1 + sqrt((v + 1)^2 + z^2)) <= r_v <=
-    z / (v + 1/2 + sqrt((v + 3/2)^2 + z^2)). Relative error below 1.1e-3 for n = 2..32 and all z
-    (tests: against scipy.special.ive)."""
-    if n == 1:
-        x = 1.0 / z.clamp_min(RICIAN_ASYMPTOTIC_Z)
-        r = 1 - x * (0.5 + x * (0.125 + x * (0.125 + x * (25 / 128 + x * (13 / 32)))))
-        small = z < RICIAN_ASYMPTOTIC_Z
-        if bool(small.any()):
-            zs = z[small]
-            r = r.masked_scatter(small, torch.special.i1e(zs) / torch.special.i0e(zs).clamp_min(1e-30))
-        return r
-    top = n - 1 + int(terms)
-    r = 0.5 * (z / (top + 1 + torch.sqrt((top + 1) ** 2 + z * z)) + z / (top + 0.5 + torch.sqrt((top + 1.5) ** 2 + z * z)))
-    for v in range(top - 1, n - 2, -1):
-        r = z / (2 * (v + 1) + z * r)
-    return r
 
 
 class DataConsistency:
@@ -287,7 +249,7 @@ class DataConsistency:
             g1 = (f2 * r).sum(0) + p1 * (c - c0)
             g2 = (j2 * r).sum(0) + p2 * (u - u0)
             h00, h01, h02, h11, h12, h22 = self._fisher(f1, f2, j2)
-            st = _solve_sym3(h00 + p0, h01, h02, h11 + p1, h12, h22 + p2, -g0, -g1, -g2)
+            st = solve_sym3(h00 + p0, h01, h02, h11 + p1, h12, h22 + p2, -g0, -g1, -g2)
             a2, c2, u2 = a + step * st[0], c + step * st[1], (u + step * st[2]).clamp(lo, hi)
             b2 = self._basis(u2)
             r2 = self._lin(a2, b2[0], c2, b2[1]) - ys
@@ -358,9 +320,9 @@ class DataConsistency:
         p0, p1, p2 = self._prior_precision(a.abs().clamp_min(1.0), fisher)
         h = [fisher[0] + p0, fisher[1], fisher[2], fisher[3] + p1, fisher[4], fisher[5] + p2]
         one, zero = torch.ones_like(a), torch.zeros_like(a)
-        c_a = _solve_sym3(*h, one, zero, zero)  # first column of H^-1
-        c_c = _solve_sym3(*h, zero, one, zero)
-        c_u = _solve_sym3(*h, zero, zero, one)
+        c_a = solve_sym3(*h, one, zero, zero)  # first column of H^-1
+        c_c = solve_sym3(*h, zero, one, zero)
+        c_u = solve_sym3(*h, zero, zero, one)
         var_a, cov_ac, var_c, var_u = c_a[0], c_a[1], c_c[1], c_u[2]
         aa = a.clamp_min(1e-12)
         var_b = (c / aa**2) ** 2 * var_a - 2 * c / aa**3 * cov_ac + var_c / aa**2
